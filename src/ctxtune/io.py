@@ -1,0 +1,81 @@
+"""Atomic, safe file writing and safetensors checkpoints.
+
+Every file ctxtune writes goes through `atomic_write_bytes`: a temporary file in the target folder,
+fsync, rename over the target, fsync of the folder. A reader sees the old file or the new one, never
+half of one. Tensors are stored as safetensors (no pickle is ever loaded) next to a JSON sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ctxtune.errors import CheckpointError, CtxtuneError
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file, fsync, rename, fsync folder)."""
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CtxtuneError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CtxtuneError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Save tensors as safetensors, atomically. Tensors are made contiguous and unshared."""
+    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, st_save(clean))
+
+
+def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; any other content (a pickle, a truncated file) is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(
+            f"not a valid safetensors file (truncated, corrupted or another format such as a pickle): {path}"
+            f" ({str(exc).splitlines()[0][:120]})"
+        ) from None
+
+
+def load_json(path: str | os.PathLike[str]) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"invalid JSON in {path}: {exc}") from None

@@ -1,0 +1,76 @@
+"""Full fine-tuning: every weight of the model is trainable (the baseline; also used to pretrain).
+
+Trainable: all unique model parameters (tied tensors once). The base is snapshotted at attach and
+restored bit-exactly by `detach()`; the adapter state is the whole model state. No adapter banks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ctxtune.methods.base import Method, MethodConfig
+from ctxtune.methods.registry import register_method
+from ctxtune.model.gpt import GPT
+
+
+@dataclass(frozen=True)
+class FullConfig(MethodConfig):
+    pass
+
+
+@register_method
+class Full(Method):
+    key = "full"
+    config_cls = FullConfig
+    supports_bank = False
+
+    def __init__(self, model: GPT, config: FullConfig, n_adapters: int = 1) -> None:
+        super().__init__(model, config, n_adapters)
+        self._snapshot = {name: p.detach().clone() for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list({id(p): p for p in self.model.parameters()}.values())
+
+    def expected_num_trainable(self) -> int:
+        return self.model.num_parameters()
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return model_state(self.model)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_model_state(self.model, state)
+
+    def detach(self) -> None:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(self._snapshot[name])
+        super().detach()
+
+
+def model_state(model: GPT) -> dict[str, torch.Tensor]:
+    """Model tensors with tied weights stored once (safetensors refuses shared storage)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("unembed.weight", None)
+    return state
+
+
+def load_model_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
+    """Load a model state, naming any missing, unexpected or mis-shaped tensor."""
+    from ctxtune.errors import CheckpointError
+
+    own = model_state(model)
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise CheckpointError(
+                f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, the model expects {list(own[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,66 @@
+"""Soft prompt (prompt tuning, Lester et al. 2021): n_virtual free input embeddings before the input.
+
+Trainable: [n_adapters, n_virtual, d_model]; closed form K * n_virtual * d_model. Acts on the input
+embeddings only; every deeper activation is computed by the frozen model. No identity
+initialisation exists (any virtual token changes the logits). Position policy: "keep" (default:
+virtual tokens take no position, content keeps 0..T-1) or "shift" (virtual tokens at 0..P-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ctxtune.errors import ConfigError
+from ctxtune.methods.base import Method, MethodConfig, Prepared, check_n_virtual, check_position_policy
+from ctxtune.methods.registry import register_method
+from ctxtune.methods.splice import splice, splice_offset
+from ctxtune.model.gpt import GPT
+
+
+@dataclass(frozen=True)
+class SoftPromptConfig(MethodConfig):
+    n_virtual: int = 1
+    position_policy: str = "keep"
+    init: str = "vocab"  # "vocab": embeddings of random tokens; "randn": N(0, init_std^2)
+    init_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_n_virtual(self.n_virtual)
+        check_position_policy(self.position_policy)
+        if self.init not in ("vocab", "randn"):
+            raise ConfigError(f"soft prompt init must be 'vocab' or 'randn', got {self.init!r}")
+
+
+@register_method
+class SoftPrompt(Method):
+    key = "soft_prompt"
+    config_cls = SoftPromptConfig
+    config: SoftPromptConfig
+
+    def __init__(self, model: GPT, config: SoftPromptConfig, n_adapters: int = 1) -> None:
+        super().__init__(model, config, n_adapters)
+        self.virtual = nn.Parameter(torch.zeros(n_adapters, config.n_virtual, model.cfg.d_model))
+        gen = torch.Generator().manual_seed(0)
+        for k in range(n_adapters):
+            self.init_adapter(k, gen)
+
+    def init_adapter(self, k: int, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            if self.config.init == "vocab":
+                ids = torch.randint(0, self.model.cfg.d_vocab, (self.config.n_virtual,), generator=generator)
+                self.virtual[k] = self.model.embed.weight[ids].to(self.virtual.dtype)
+            else:
+                noise = torch.randn(self.virtual.shape[1:], generator=generator, dtype=torch.float64)
+                self.virtual[k] = noise.to(self.virtual.dtype) * self.config.init_std
+
+    def expected_num_trainable(self) -> int:
+        return self.n_adapters * self.config.n_virtual * self.model.cfg.d_model
+
+    def prepare(self, tokens: torch.Tensor, adapter_ids: torch.Tensor | None, n_prompt: int) -> Prepared:
+        return splice(self.model, tokens, self.select(self.virtual, adapter_ids), 0, self.config.position_policy)
+
+    def content_offset(self, index: int, n_prompt: int) -> int:
+        return splice_offset(self.config.position_policy, index, 0, self.config.n_virtual)

@@ -1,0 +1,98 @@
+"""Training configuration: frozen, validated, JSON-serialisable.
+
+Defaults are the paper's adapter settings (official-code.md §4): AdamW, betas (0.9, 0.95), gradient
+clipping 1.0, batch 64, constant learning rate. Pretraining uses weight decay 0.1 on matrices only
+(`decay_matrices_only`), dropout as the model config says, and `train_mode=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ctxtune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Attributes:
+    steps: optimiser steps.
+    batch_size: examples per adapter per step.
+    lr: peak learning rate.
+    weight_decay: AdamW decoupled weight decay.
+    betas: AdamW betas.
+    grad_clip: max gradient norm per adapter (0 disables).
+    warmup: linear warm-up steps.
+    schedule: "constant" or "cosine" (after warm-up, decays to lr * min_lr_ratio).
+    min_lr_ratio: final learning rate of the cosine schedule, as a fraction of lr.
+    decay_matrices_only: apply weight decay only to tensors with 2+ dimensions (pretraining).
+    train_mode: model in train mode (dropout active); adapters train with the model in eval mode.
+    seed: seeds initialisation and data.
+    placeholders: leading zero tokens before every input (the authors' layout; 0 = none).
+    eval_examples: test examples for the final exact-match accuracy (paper: 3,200).
+    eval_every: also evaluate every this many steps (0: only at the end).
+    checkpoint_every: write a resumable checkpoint every this many steps (0: only at the end).
+    log_every: append a metrics line every this many steps.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    decay_matrices_only: bool = False
+    train_mode: bool = False
+    seed: int = 0
+    placeholders: int = 0
+    eval_examples: int = 3200
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "eval_examples", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "eval_every", "checkpoint_every", "placeholders", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"train.{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown train key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**clean)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimiser step `step` (0-based)."""
+        if self.warmup and step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        import math
+
+        span = max(1, self.steps - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
