@@ -144,7 +144,7 @@ def _make_authors(vocab: int, length: int, beta: float) -> GPT:
         n_layers=1, n_heads=2, d_model=2 * n, d_head=n, d_mlp=n, n_ctx=n, d_vocab=vocab,
         norm="none", residual=False, pos="learned", act="relu", bias=True,
     )  # fmt: skip
-    model = zero_parameters(GPT(cfg))
+    model = zero_parameters(GPT(cfg).double())  # write in float64, cast at the end
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     assert mlp is not None
     q_scale = beta * math.sqrt(n)  # cancels the model's 1/sqrt(d_head): scores are beta * (q . k)
@@ -193,7 +193,7 @@ def _make_u(vocab: int, length: int, margin: float) -> GPT:
         n_layers=2, n_heads=1, d_model=n + 1 + vocab, d_head=n, d_mlp=max(n + 1, 3 * vocab), n_ctx=n,
         d_vocab=vocab, norm="none", residual=True, pos="learned", act="relu", bias=True,
     )  # fmt: skip
-    model = zero_parameters(GPT(cfg))
+    model = zero_parameters(GPT(cfg).double())  # write in float64, cast at the end
     for i in range(n):
         model.pos_embed.weight[i, i] = m  # p_i = M e_i; hard tokens embed to 0
     attn = model.blocks[0].attn

@@ -1,0 +1,1 @@
+"""Command-line commands. Each module exposes `register(app)`; `ctxtune.cli` lists the modules."""

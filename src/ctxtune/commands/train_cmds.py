@@ -1,0 +1,218 @@
+"""`ctxtune pretrain`, `ctxtune tune`, `ctxtune eval`: the pieces by hand.
+
+Options come from flags or a TOML file (`--config`), flags winning; every value is validated before
+anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ctxtune.commands.common import check_top_level, cli_errors, emit_json, given, load_toml, section
+from ctxtune.errors import ConfigError
+from ctxtune.methods import get_method_class, in_context_tokens
+from ctxtune.model import ModelConfig
+from ctxtune.tasks import get_task
+from ctxtune.train.api import evaluate_run, pretrain, tune
+from ctxtune.train.config import TrainConfig
+from ctxtune.train.runs import load_base_model, load_method, read_config
+
+TRAIN_FLAGS = dict(
+    steps=typer.Option(None, help="Optimiser steps."),
+    batch_size=typer.Option(None, "--batch-size", help="Examples per adapter per step."),
+    lr=typer.Option(None, help="Peak learning rate."),
+    weight_decay=typer.Option(None, "--weight-decay", help="AdamW weight decay."),
+    warmup=typer.Option(None, help="Linear warm-up steps."),
+    schedule=typer.Option(None, help="constant or cosine."),
+    seed=typer.Option(None, help="Seed of initialisation and data."),
+    placeholders=typer.Option(None, help="Leading zero tokens before each input (the authors' layout)."),
+    eval_examples=typer.Option(None, "--eval-examples", help="Test examples for the final accuracy."),
+    checkpoint_every=typer.Option(None, "--checkpoint-every", help="Resumable checkpoint every N steps."),
+)
+
+
+def train_config(toml: dict[str, Any], flags: dict[str, Any], defaults: dict[str, Any]) -> TrainConfig:
+    data = {**defaults, **section(toml, "train"), **flags}
+    return TrainConfig.from_dict(data)
+
+
+def out_folder(out: Path, resume: bool) -> Path:
+    """Refuse to overwrite a finished or foreign run unless resuming it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise ConfigError(f"--out {out} is not empty; pass --resume to continue that run or choose a new folder")
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain_cmd)
+    app.command("tune")(tune_cmd)
+    app.command("eval")(eval_cmd)
+
+
+@cli_errors
+def pretrain_cmd(
+    task: str = typer.Option(None, help="Task to pretrain on (e.g. ascending, mix)."),
+    out: Path = typer.Option(..., help="Run folder to create."),
+    config: Path = typer.Option(None, help="TOML file: model and train tables, top-level task."),
+    layers: int = typer.Option(None, help="n_layers."),
+    heads: int = typer.Option(None, help="n_heads."),
+    d_model: int = typer.Option(None, "--d-model", help="Residual width."),
+    d_mlp: int = typer.Option(None, "--d-mlp", help="MLP width (default 4 d_model)."),
+    n_ctx: int = typer.Option(None, "--n-ctx", help="Positions."),
+    pos: str = typer.Option(None, help="learned, rotary or none."),
+    norm: str = typer.Option(None, help="layernorm, rmsnorm or none."),
+    attn_norm: bool = typer.Option(None, "--attn-norm/--no-attn-norm", help="Keep the pre-attention norm."),
+    act: str = typer.Option(None, help="gelu or relu."),
+    dropout: float = typer.Option(None, help="Dropout."),
+    steps: int = TRAIN_FLAGS["steps"],
+    batch_size: int = TRAIN_FLAGS["batch_size"],
+    lr: float = TRAIN_FLAGS["lr"],
+    weight_decay: float = TRAIN_FLAGS["weight_decay"],
+    warmup: int = TRAIN_FLAGS["warmup"],
+    schedule: str = TRAIN_FLAGS["schedule"],
+    seed: int = TRAIN_FLAGS["seed"],
+    placeholders: int = TRAIN_FLAGS["placeholders"],
+    eval_examples: int = TRAIN_FLAGS["eval_examples"],
+    checkpoint_every: int = TRAIN_FLAGS["checkpoint_every"],
+    resume: bool = typer.Option(False, help="Continue a killed run in --out from its last checkpoint."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Pretrain a small GPT on a task (all weights trainable).
+
+    Example: ctxtune pretrain --task ascending --layers 1 --heads 1 --d-model 64 --steps 1500 --lr 3e-3 --out runs/asc
+    """
+    toml = load_toml(config)
+    check_top_level(toml, {"task", "model", "train"}, config)
+    model_flags = given(n_layers=layers, n_heads=heads, d_model=d_model, d_mlp=d_mlp, n_ctx=n_ctx, pos=pos,
+                        norm=norm, attn_norm=attn_norm, act=act, dropout=dropout)
+    model_cfg = ModelConfig.from_dict({"n_ctx": 32, **section(toml, "model"), **model_flags})
+    defaults = {"weight_decay": 0.1, "decay_matrices_only": True, "train_mode": True}
+    train_cfg = train_config(toml, given(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                         warmup=warmup, schedule=schedule, seed=seed, placeholders=placeholders,
+                                         eval_examples=eval_examples, checkpoint_every=checkpoint_every), defaults)
+    task_name = task or toml.get("task")
+    if not task_name:
+        raise ConfigError("no task given: pass --task or set task in the config file")
+    task_obj = get_task(task_name)
+    _, result = pretrain(model_cfg, task_obj, train_cfg, out_folder(out, resume), resume=resume, quiet=quiet)
+    report(json_out, {"out": str(out), "task": task_name, "steps": result.steps, "final_loss": result.final_loss[0],
+                      "accuracy": result.accuracy[0], "seconds": round(result.seconds, 2)})
+
+
+@cli_errors
+def tune_cmd(
+    base: Path = typer.Option(..., help="Pretrained run folder (from ctxtune pretrain)."),
+    method: str = typer.Option(None, help="hard_prompt, in_context, soft_prompt, prefix, prefix_kv, suffix, lora, full."),
+    task: list[str] = typer.Option(None, help="Task; repeat for a bank of adapters (one per task)."),
+    out: Path = typer.Option(..., help="Run folder to create."),
+    config: Path = typer.Option(None, help="TOML file: top-level method and task, options and train tables."),
+    n_virtual: int = typer.Option(None, "--n-virtual", help="Prefix / prompt / suffix length P."),
+    position_policy: str = typer.Option(None, "--position-policy", help="keep or shift (context methods)."),
+    rank: int = typer.Option(None, help="LoRA rank."),
+    alpha: float = typer.Option(None, help="LoRA alpha."),
+    targets: str = typer.Option(None, help="LoRA targets, comma-separated: q,k,v,o,mlp_in,mlp_out."),
+    reparam_dim: int = typer.Option(None, "--reparam-dim", help="prefix_kv MLP reparameterisation width."),
+    tokens: str = typer.Option(None, help="hard_prompt token ids, comma-separated."),
+    examples: int = typer.Option(None, help="in_context: number of solved examples in the prompt."),
+    steps: int = TRAIN_FLAGS["steps"],
+    batch_size: int = TRAIN_FLAGS["batch_size"],
+    lr: float = TRAIN_FLAGS["lr"],
+    weight_decay: float = TRAIN_FLAGS["weight_decay"],
+    warmup: int = TRAIN_FLAGS["warmup"],
+    schedule: str = TRAIN_FLAGS["schedule"],
+    seed: int = TRAIN_FLAGS["seed"],
+    placeholders: int = TRAIN_FLAGS["placeholders"],
+    eval_examples: int = TRAIN_FLAGS["eval_examples"],
+    checkpoint_every: int = TRAIN_FLAGS["checkpoint_every"],
+    resume: bool = typer.Option(False, help="Continue a killed run in --out."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Tune a method on a frozen pretrained model; report test exact-match accuracy.
+
+    Example: ctxtune tune --base runs/asc --method prefix --n-virtual 1 --task descending --steps 500 --lr 2e-2 --out runs/asc-prefix
+    """
+    toml = load_toml(config)
+    check_top_level(toml, {"method", "task", "options", "train"}, config)
+    key = method or toml.get("method")
+    if not key:
+        raise ConfigError("no method given: pass --method or set method in the config file")
+    get_method_class(key)
+    task_names = list(task) if task else toml.get("task", [])
+    task_names = [task_names] if isinstance(task_names, str) else list(task_names)
+    if not task_names:
+        raise ConfigError("no task given: pass --task (repeatable) or set task in the config file")
+    task_objs = [get_task(t) for t in task_names]
+    options = {**section(toml, "options"), **given(n_virtual=n_virtual, position_policy=position_policy, rank=rank,
+                                                   alpha=alpha, reparam_dim=reparam_dim)}
+    if targets is not None:
+        options["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
+    if tokens is not None:
+        try:
+            options["tokens"] = [int(t) for t in tokens.split(",")]
+        except ValueError:
+            raise ConfigError(f"--tokens must be comma-separated integers, got {tokens!r}") from None
+    if key == "in_context":
+        options["tokens"] = list(in_context_tokens(task_objs[0], examples or 2, seed=seed or 0))
+    defaults = {"weight_decay": 0.01} if key != "full" else {"weight_decay": 0.1, "decay_matrices_only": True}
+    train_cfg = train_config(toml, given(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                         warmup=warmup, schedule=schedule, seed=seed, placeholders=placeholders,
+                                         eval_examples=eval_examples, checkpoint_every=checkpoint_every), defaults)
+    read_config(base)
+    out_folder(out, resume)
+    method_obj, result = tune(base, key, task_objs, train_cfg, options, out, resume=resume, quiet=quiet)
+    report(json_out, {"out": str(out), "method": key, "tasks": task_names, "steps": result.steps,
+                      "trainable": method_obj.num_trainable(), "final_loss": result.final_loss,
+                      "accuracy": dict(zip(task_names, result.accuracy, strict=True)),
+                      "seconds": round(result.seconds, 2)})
+
+
+@cli_errors
+def eval_cmd(
+    run: Path = typer.Option(..., help="A pretrain run (the base alone) or a tune run (base + its method)."),
+    task: list[str] = typer.Option(..., help="Task(s) to evaluate on; repeatable."),
+    examples: int = typer.Option(3200, help="Test examples per task."),
+    seed: int = typer.Option(0, help="Seed of the evaluation data."),
+    adapter: int = typer.Option(0, help="Which adapter of a bank to evaluate."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Exact-match accuracy (greedy decoding) of a run on one or more tasks.
+
+    Example: ctxtune eval --run runs/asc-prefix --task descending --task ascending
+    """
+    if examples <= 0:
+        raise ConfigError(f"--examples must be positive, got {examples}")
+    config = read_config(run)
+    for t in task:
+        get_task(t)
+    model = load_base_model(run)
+    if config.get("kind") == "tune" and config["method"]["key"] != "full":
+        method = load_method(run, model)
+    else:
+        from ctxtune.methods import make_method
+
+        method = make_method("full", model)
+    if not 0 <= adapter < method.n_adapters:
+        raise ConfigError(f"--adapter {adapter} out of range: the run has {method.n_adapters} adapter(s)")
+    placeholders = int(config.get("train", {}).get("placeholders", 0))
+    accs = evaluate_run(method, list(task), examples, seed=seed, placeholders=placeholders, adapter=adapter)
+    report(json_out, {"run": str(run), "adapter": adapter, "examples": examples, "accuracy": accs})
+
+
+def report(json_out: bool, payload: dict[str, Any]) -> None:
+    if json_out:
+        emit_json(payload)
+        return
+    from rich.console import Console
+
+    console = Console()
+    for key, value in payload.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        console.print(f"[bold]{key}[/bold]: {value}")
