@@ -47,7 +47,8 @@ class CapacityResult:
 def count_reached(c: Construction, targets: torch.Tensor, batch_size: int | None = None) -> int:
     """How many targets the construction reproduces exactly (batched greedy decoding)."""
     if batch_size is None:
-        batch_size = max(1, min(4096, MAX_LOGITS // (c.vocab * max(1, c.vocab if c.name == "conditional" else 1))))
+        per_target = c.vocab * (c.vocab if c.name == "conditional" else 1)  # logits per step per target
+        batch_size = max(1, min(4096, MAX_LOGITS // per_target))
     reached = 0
     for start in range(0, targets.shape[0], batch_size):
         chunk = targets[start : start + batch_size]
@@ -88,7 +89,8 @@ def intended_attention(c: Construction, targets: torch.Tensor) -> dict[str, floa
         return {"max_uniform_error": float((pattern[:, 0] - uniform).abs().max())}
     if c.name == "unconditional":
         diag = torch.diagonal(pattern[:, 0], dim1=-2, dim2=-1)  # [batch, pos]
-        return {"min_mass_pos_self": float(diag.min()), "min_mass_first_key0": float(pattern[:, 1, :, 0].min())}
+        first = pattern[:, 1, :, 0]  # [batch, pos]
+        return {"min_mass_pos_self": float(diag.min()), "min_mass_first_key0": float(first.min())}
     return {
         "min_mass_table_key0": float(pattern[:, 0, :, 0].min()),
         "min_mass_user_key1": float(pattern[:, 1, 1:, 1].min()),
@@ -160,6 +162,7 @@ def find_precision_limit(
         targets = _extreme_targets(c, samples, generator)
         reached = count_reached(c, targets)
         if reached < targets.shape[0]:
-            return {"largest": largest, "first_failure": (vocab, length), "failed": targets.shape[0] - reached}
+            failed = targets.shape[0] - reached
+            return {"largest": largest, "first_failure": (vocab, length), "failed": failed}
         largest = (vocab, length)
     return {"largest": largest, "first_failure": None, "failed": 0}

@@ -38,7 +38,7 @@ BETA_MARGIN = 5.0  # beta = ln(2 V N (1 + B)) + BETA_MARGIN
 
 @dataclass(frozen=True)
 class Layout:
-    """Residual slots of construction C: [table (VN) | cur (V) | user (V) | pos (N+1) | const | w | logits (V)]."""
+    """Residual slots of C: [table (VN) | cur (V) | user (V) | pos (N+1) | const | w | logits (V)]."""
 
     vocab: int
     length: int

@@ -93,8 +93,10 @@ def _attention(
     scores = scores.masked_fill(~visible, float("-inf"))
     if attention_mask is not None:  # only reached if a caller passes a prepared 4-D mask
         m = attention_mask[..., -tk:]
-        scores[..., n_pre:] = scores[..., n_pre:].masked_fill(~m, float("-inf")) if m.dtype == torch.bool else (
-            scores[..., n_pre:] + m
+        scores[..., n_pre:] = (
+            scores[..., n_pre:].masked_fill(~m, float("-inf"))
+            if m.dtype == torch.bool
+            else (scores[..., n_pre:] + m)
         )
     pattern = scores.softmax(dim=-1)
     pattern_d = nn.functional.dropout(pattern, p=dropout, training=module.training)
@@ -156,17 +158,27 @@ def hf_layout(model: nn.Module) -> HFLayout:
             raise CtxtuneError(f"unsupported attention module {type(attn0).__name__}")
         kvh = cfg.num_key_value_heads or cfg.num_attention_heads
         d_head = attn0.head_dim
-        lay = HFLayout("llama", [la.self_attn for la in layers], [la.input_layernorm for la in layers],
-                       cfg.num_attention_heads, kvh, d_head, cfg.hidden_size, inner.embed_tokens)
-        lay.kv_fns = [_llama_kv(a, n, kvh, d_head) for a, n in zip(lay.attn, lay.norms)]
+        lay = HFLayout(
+            "llama",
+            [la.self_attn for la in layers],
+            [la.input_layernorm for la in layers],
+            cfg.num_attention_heads,
+            kvh,
+            d_head,
+            cfg.hidden_size,
+            inner.embed_tokens,
+        )
+        lay.kv_fns = [_llama_kv(a, n, kvh, d_head) for a, n in zip(lay.attn, lay.norms, strict=True)]
         return lay
     tr = getattr(model, "transformer", None)
     if tr is not None and hasattr(tr, "h") and hasattr(tr.h[0].attn, "c_attn"):
         blocks = list(tr.h)
         nh = cfg.n_head
         d_head = cfg.n_embd // nh
-        lay = HFLayout("gpt2", [b.attn for b in blocks], [b.ln_1 for b in blocks], nh, nh, d_head, cfg.n_embd, tr.wte)
-        lay.kv_fns = [_gpt2_kv(a, n, nh, d_head) for a, n in zip(lay.attn, lay.norms)]
+        lay = HFLayout(
+            "gpt2", [b.attn for b in blocks], [b.ln_1 for b in blocks], nh, nh, d_head, cfg.n_embd, tr.wte
+        )
+        lay.kv_fns = [_gpt2_kv(a, n, nh, d_head) for a, n in zip(lay.attn, lay.norms, strict=True)]
         return lay
     raise CtxtuneError(f"unsupported model class {type(model).__name__}: Llama-like and GPT-2 families only")
 
@@ -181,7 +193,7 @@ def enable(model: nn.Module) -> HFLayout:
     if model.config._attn_implementation != ATTN_NAME:
         model._ctxtune_prev_attn = model.config._attn_implementation  # type: ignore[assignment]
         model.set_attn_implementation(ATTN_NAME)
-    for attn, kv in zip(lay.attn, lay.kv_fns):
+    for attn, kv in zip(lay.attn, lay.kv_fns, strict=True):
         if getattr(attn, _STATE, None) is None:
             setattr(attn, _STATE, _State(kv_fn=kv))
     return lay
@@ -201,11 +213,23 @@ def disable(model: nn.Module) -> None:
 class Attachment:
     """A context method attached to a HF causal LM. `forward` gives content logits [batch, pos, d_vocab]."""
 
-    def __init__(self, model: nn.Module, method: str, n_virtual: int, soft: torch.Tensor | None = None,
-                 positions: str = "keep") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        n_virtual: int,
+        soft: torch.Tensor | None = None,
+        positions: str = "keep",
+    ) -> None:
         if positions not in ("keep", "shift"):
             raise CtxtuneError(f"positions must be 'keep' or 'shift', got {positions!r}")
-        self.model, self.method, self.n_virtual, self.soft, self.positions = model, method, n_virtual, soft, positions
+        self.model, self.method, self.n_virtual, self.soft, self.positions = (
+            model,
+            method,
+            n_virtual,
+            soft,
+            positions,
+        )
         self.layout = enable(model)
 
     def inputs(self, input_ids: torch.Tensor) -> dict[str, Any]:
@@ -213,14 +237,19 @@ class Attachment:
         batch, pos = input_ids.shape
         p = self.n_virtual
         offset = p if self.positions == "shift" else 0
-        content = torch.arange(offset, offset + pos, device=input_ids.device).expand(batch, pos)  # [batch, pos]
+        content = torch.arange(offset, offset + pos, device=input_ids.device).expand(
+            batch, pos
+        )  # [batch, pos]
         if self.soft is None:
             return {"input_ids": input_ids, "position_ids": content, "use_cache": False}
         embeds = self.layout.embed(input_ids)  # [batch, pos, d_model]
         soft = self.soft.to(embeds.dtype).expand(batch, -1, -1)  # [batch, P, d_model]
         virtual = torch.arange(p, device=input_ids.device).expand(batch, p)
-        return {"inputs_embeds": torch.cat([soft, embeds], 1), "position_ids": torch.cat([virtual, content], 1),
-                "use_cache": False}
+        return {
+            "inputs_embeds": torch.cat([soft, embeds], 1),
+            "position_ids": torch.cat([virtual, content], 1),
+            "use_cache": False,
+        }
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         logits = self.model(**self.inputs(input_ids)).logits
@@ -229,8 +258,27 @@ class Attachment:
     def capture(self, input_ids: torch.Tensor) -> list[LayerAttention]:
         kw = self.inputs(input_ids)
         n_soft = self.n_virtual if self.soft is not None else 0
-        return capture_layers(self.model, kw.get("input_ids"), inputs_embeds=kw.get("inputs_embeds"),
-                              position_ids=kw["position_ids"], n_soft=n_soft)
+        return capture_layers(
+            self.model,
+            kw.get("input_ids"),
+            inputs_embeds=kw.get("inputs_embeds"),
+            position_ids=kw["position_ids"],
+            n_soft=n_soft,
+        )
+
+    def capture_base(self, input_ids: torch.Tensor) -> list[LayerAttention]:
+        """The unadapted model on the content alone, same content position ids (cross-layer baseline)."""
+        kw = self.inputs(input_ids)
+        n_soft = self.n_virtual if self.soft is not None else 0
+        states = [getattr(a, _STATE) for a in self.layout.attn]
+        saved = [st.enabled for st in states]
+        for st in states:
+            st.enabled = False
+        try:
+            return capture_layers(self.model, input_ids, position_ids=kw["position_ids"][:, n_soft:])
+        finally:
+            for st, on in zip(states, saved, strict=True):
+                st.enabled = on
 
     def detach(self) -> None:
         disable(self.model)
@@ -251,7 +299,9 @@ def attach_prefix(model: nn.Module, hidden: torch.Tensor, positions: str = "keep
     return Attachment(model, "prefix", hidden.shape[1], positions=positions)
 
 
-def attach_prefix_kv(model: nn.Module, key: torch.Tensor, value: torch.Tensor, positions: str = "keep") -> Attachment:
+def attach_prefix_kv(
+    model: nn.Module, key: torch.Tensor, value: torch.Tensor, positions: str = "keep"
+) -> Attachment:
     """Free K/V prefix: key, value [n_layers, n_kv_heads, P, d_head] (no rotation)."""
     lay = enable(model)
     shape = (lay.n_layers, lay.n_kv_heads, key.shape[2], lay.d_head)
@@ -271,7 +321,9 @@ def attach_soft_prompt(model: nn.Module, embeds: torch.Tensor, positions: str = 
 
 
 @torch.no_grad()
-def random_attachment(model: nn.Module, method: str, length: int, seed: int = 0, positions: str = "keep") -> Attachment:
+def random_attachment(
+    model: nn.Module, method: str, length: int, seed: int = 0, positions: str = "keep"
+) -> Attachment:
     """A seeded random prefix or soft prompt of `length` virtual tokens at the model's own scale.
 
     prefix: hidden states ~ N(0, 1) (the layer norm fixes the scale). prefix_kv: keys and values made
@@ -348,14 +400,21 @@ def capture_layers(
         x = hidden[:, s:].contiguous()  # [batch, pos, d_model]
         kw = {k: _slice_seq(v, s, total) for k, v in kwargs.items()}
         rest = tuple(_slice_seq(a, s, total) for a in args)
-        out.append(LayerAttention(
-            layer=layer, x=x,
-            q=rec["q"][:, :, s:], k=rec["k"][:, :, n_pre + s :], v=rec["v"][:, :, n_pre + s :],
-            prefix_k=rec["k"][:, :, : n_pre + s], prefix_v=rec["v"][:, :, : n_pre + s],
-            pattern=rec["pattern"][:, :, s:], z=rec["z"][:, s:],
-            position_ids=position_ids[:, s:] if position_ids is not None else torch.empty(0),
-            recompute=_recompute_fn(attn, x, rest, kw),
-        ))
+        out.append(
+            LayerAttention(
+                layer=layer,
+                x=x,
+                q=rec["q"][:, :, s:],
+                k=rec["k"][:, :, n_pre + s :],
+                v=rec["v"][:, :, n_pre + s :],
+                prefix_k=rec["k"][:, :, : n_pre + s],
+                prefix_v=rec["v"][:, :, : n_pre + s],
+                pattern=rec["pattern"][:, :, s:],
+                z=rec["z"][:, s:],
+                position_ids=position_ids[:, s:] if position_ids is not None else torch.empty(0),
+                recompute=_recompute_fn(attn, x, rest, kw),
+            )
+        )
     return out
 
 

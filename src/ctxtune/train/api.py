@@ -5,6 +5,7 @@ Each writes a run folder (see `ctxtune.train.runs`) when `out_dir` is given, and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def tune(
     if not task_objs:
         raise ConfigError("tune needs at least one task")
     method = make_method(method_key, model, n_adapters=len(task_objs), **options)
-    extra = method.config.n_virtual if getattr(method.config, "position_policy", "keep") == "shift" else 0
+    extra = method.content_offset(index=10**9, n_prompt=0)  # positions the method adds before the last token
     check_fits(model.cfg, task_objs, train_cfg.placeholders, extra)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -125,6 +126,7 @@ def write_run_config(
         "base": base,
         "ctxtune_version": __version__,
     }
+    config = json.loads(json.dumps(config))  # tuples -> lists, as stored
     existing = out / "config.json"
     if existing.is_file():
         old = read_config(out)

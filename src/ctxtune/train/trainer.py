@@ -162,8 +162,12 @@ class Trainer:
                 atomic_write_bytes(self.out_dir / "metrics.jsonl", b"")
         self.method.model.train(cfg.train_mode)
         values: list[float] = []
-        with progress_bar(cfg.steps, self.step, quiet=self.quiet) as advance:
-            while self.step < cfg.steps:
+        if not self.params:  # nothing to train (hard prompt, in-context examples): evaluate only
+            with torch.no_grad():
+                values = [float(v) for v in self.losses()]
+            self.log({"step": 0, "loss": values, "note": "no trainable parameters: evaluation only"})
+        with progress_bar(cfg.steps, self.step, quiet=self.quiet or not self.params) as advance:
+            while self.params and self.step < cfg.steps:
                 values = self.train_step()
                 for cb in self.callbacks:
                     cb(self, self.step, values)

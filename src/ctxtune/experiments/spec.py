@@ -1,0 +1,309 @@
+"""Study specs: typed, validated loading of the TOML files in `ctxtune/studies/`.
+
+A study spec names its pretrainings (`[bases.NAME]`), its adaptations (`[adaptations.NAME]`), per
+scale (`quick`, `paper`, optionally `standard`), the paper's number for every cell (`[paper]`) and the
+qualitative claims with their thresholds (`[[claims]]`). Unknown keys anywhere are a ConfigError naming
+the key and the file.
+
+Layout of one spec (every key is checked; see the shipped studies for complete examples):
+
+    name = "elicit"                 # must equal the file stem
+    title = "..."; paper_ref = "..."; summary = "..."
+    [bases.mix]
+    task = "mix"                    # pretraining task
+    share = "mix_quick"             # optional: studies naming the same share id reuse one run
+    per_seed = false                # false: one base (pretrained with seed `base_seed`) for all seeds
+    eval_tasks = ["ascending", ...] # the pretrained model is evaluated on these (row "<base>")
+    [bases.mix.scale.quick]
+    model = {...}                   # ModelConfig fields
+    train = {...}                   # TrainConfig fields
+    [adaptations.prefix]
+    base = "mix"; method = "prefix"; tasks = ["ascending", ...]   # one adapter per task (a bank)
+    eval_tasks = [...]              # every adapter is evaluated on each (default: its own task)
+    extension = false               # true: not in the paper (soft_prompt, prefix_kv, suffix, ...)
+    stack_seeds = true              # seeds as extra adapters of one bank run (needs a shared base)
+    [adaptations.prefix.scale.quick]
+    options = {n_virtual = 1}; train = {...}
+    [paper]
+    "prefix.ascending/ascending" = 0.9409     # cell "<row>/<eval task>", accuracy as a fraction
+    [[claims]]
+    id = "elicit"; text = "..."
+    checks = [{cell = "prefix.ascending/ascending", op = ">=", value = 0.90}]
+
+Rows: a base's row is its name; an adaptation's adapter trained on task T is row "<adaptation>.<T>".
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ctxtune.errors import ConfigError
+
+SCALES = ("quick", "standard", "paper")
+OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+
+
+def _check_keys(data: dict[str, Any], allowed: set[str], where: str, required: set[str] = frozenset()) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise ConfigError(f"missing key(s) in {where}: {', '.join(missing)}")
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _check_task(name: str, where: str) -> None:
+    from ctxtune.tasks import get_task
+
+    try:
+        get_task(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any lookup failure is a bad name
+        raise ConfigError(f"{where}: unknown task {name!r} ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """What one scale sets for a base or an adaptation: model (bases only), train, options."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    name: str
+    task: str
+    share: str | None
+    per_seed: bool
+    base_seed: int
+    eval_tasks: tuple[str, ...]
+    scales: dict[str, ScaleSettings]
+
+
+@dataclass(frozen=True)
+class AdaptationSpec:
+    name: str
+    base: str
+    method: str
+    tasks: tuple[str, ...]
+    eval_tasks: tuple[str, ...]
+    extension: bool
+    stack_seeds: bool
+    note: str
+    scales: dict[str, ScaleSettings]
+
+
+@dataclass(frozen=True)
+class Check:
+    cell: str
+    op: str
+    value: float
+
+    def holds(self, observed: float) -> bool:
+        return OPS[self.op](observed, self.value)
+
+    def describe(self) -> str:
+        return f"{self.cell} {self.op} {self.value:.0%}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    text: str
+    checks: tuple[Check, ...]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    title: str
+    paper_ref: str
+    summary: str
+    bases: dict[str, BaseSpec]
+    adaptations: dict[str, AdaptationSpec]
+    paper: dict[str, float]
+    claims: tuple[Claim, ...]
+    notes: dict[str, str]
+    path: str
+
+    @property
+    def scales(self) -> tuple[str, ...]:
+        """Scales every base and adaptation defines."""
+        parts = [*self.bases.values(), *self.adaptations.values()]
+        return tuple(s for s in SCALES if all(s in p.scales for p in parts))
+
+    def rows(self) -> list[str]:
+        out = list(self.bases)
+        for a in self.adaptations.values():
+            out += [f"{a.name}.{t}" for t in a.tasks]
+        return out
+
+
+def _scale_table(data: Any, where: str, is_base: bool) -> dict[str, ScaleSettings]:
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{where}.scale must be a table with at least one of {', '.join(SCALES)}")
+    out = {}
+    for scale, table in data.items():
+        if scale not in SCALES:
+            raise ConfigError(f"unknown scale {scale!r} in {where}.scale; known: {', '.join(SCALES)}")
+        allowed = {"model", "train"} if is_base else {"train", "options"}
+        _check_keys(table, allowed, f"{where}.scale.{scale}", required={"model", "train"} if is_base else {"train"})
+        for key in allowed:
+            if key in table and not isinstance(table[key], dict):
+                raise ConfigError(f"{where}.scale.{scale}.{key} must be a table")
+        settings = ScaleSettings(
+            model=dict(table.get("model", {})), train=dict(table.get("train", {})), options=dict(table.get("options", {}))
+        )
+        _validate_settings(settings, f"{where}.scale.{scale}", is_base)
+        out[scale] = settings
+    return out
+
+
+def _validate_settings(s: ScaleSettings, where: str, is_base: bool) -> None:
+    from ctxtune.model import ModelConfig
+    from ctxtune.train.config import TrainConfig
+
+    try:
+        if is_base:
+            ModelConfig.from_dict(s.model)
+        TrainConfig.from_dict(s.train)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _claims(data: Any, where: str) -> tuple[Claim, ...]:
+    if not isinstance(data, list):
+        raise ConfigError(f"{where}: claims must be an array of tables ([[claims]])")
+    out = []
+    for i, c in enumerate(data):
+        _check_keys(c, {"id", "text", "checks"}, f"{where} claims[{i}]", required={"id", "text", "checks"})
+        checks = []
+        if not isinstance(c["checks"], list) or not c["checks"]:
+            raise ConfigError(f"{where} claim {c['id']!r}: checks must be a non-empty list")
+        for j, ch in enumerate(c["checks"]):
+            _check_keys(ch, {"cell", "op", "value"}, f"{where} claim {c['id']!r} check {j}", {"cell", "op", "value"})
+            if ch["op"] not in OPS:
+                raise ConfigError(f"{where} claim {c['id']!r}: op must be one of {', '.join(OPS)}, got {ch['op']!r}")
+            checks.append(Check(str(ch["cell"]), ch["op"], float(ch["value"])))
+        out.append(Claim(str(c["id"]), str(c["text"]), tuple(checks)))
+    return tuple(out)
+
+
+def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = None) -> StudySpec:
+    """Validate a parsed TOML document into a StudySpec (every problem is one ConfigError line)."""
+    from ctxtune.methods import get_method_class
+
+    top = {"name", "title", "paper_ref", "summary", "bases", "adaptations", "paper", "claims", "notes"}
+    _check_keys(data, top, where, required={"name", "title", "bases", "adaptations"})
+    name = data["name"]
+    if stem is not None and name != stem:
+        raise ConfigError(f"{where}: name {name!r} must equal the file name {stem!r}")
+    bases: dict[str, BaseSpec] = {}
+    for bname, b in data["bases"].items():
+        w = f"{where} [bases.{bname}]"
+        _check_keys(b, {"task", "share", "per_seed", "base_seed", "eval_tasks", "scale"}, w, {"task", "scale"})
+        _check_task(b["task"], w)
+        eval_tasks = _str_list(b.get("eval_tasks", [b["task"]]), f"{w} eval_tasks")
+        for t in eval_tasks:
+            _check_task(t, w)
+        bases[bname] = BaseSpec(
+            bname, b["task"], b.get("share"), bool(b.get("per_seed", True)), int(b.get("base_seed", 0)), eval_tasks,
+            _scale_table(b["scale"], w, is_base=True),
+        )
+    adaptations: dict[str, AdaptationSpec] = {}
+    allowed = {"base", "method", "tasks", "eval_tasks", "extension", "stack_seeds", "note", "scale"}
+    for aname, a in data["adaptations"].items():
+        w = f"{where} [adaptations.{aname}]"
+        _check_keys(a, allowed, w, {"base", "method", "tasks", "scale"})
+        if a["base"] not in bases:
+            raise ConfigError(f"{w}: base {a['base']!r} is not defined; bases: {', '.join(bases)}")
+        try:
+            cls = get_method_class(a["method"])
+        except ConfigError as exc:
+            raise ConfigError(f"{w}: {exc}") from None
+        tasks = _str_list(a["tasks"], f"{w} tasks")
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ConfigError(f"{w}: tasks must be a non-empty list without repeats")
+        for t in (*tasks, *a.get("eval_tasks", [])):
+            _check_task(t, w)
+        stack = bool(a.get("stack_seeds", False))
+        if stack and bases[a["base"]].per_seed:
+            raise ConfigError(f"{w}: stack_seeds needs a base shared by all seeds (per_seed = false)")
+        if (len(tasks) > 1 or stack) and not cls.supports_bank:
+            raise ConfigError(f"{w}: method {a['method']!r} has no adapter banks; give one task and stack_seeds = false")
+        scales = _scale_table(a["scale"], w, is_base=False)
+        for scale, s in scales.items():
+            try:
+                cls.config_cls.from_dict(s.options, method=a["method"])
+            except (ConfigError, TypeError) as exc:
+                raise ConfigError(f"{w}.scale.{scale}: {exc}") from None
+        adaptations[aname] = AdaptationSpec(
+            aname, a["base"], a["method"], tasks, _str_list(a.get("eval_tasks", []), f"{w} eval_tasks"),
+            bool(a.get("extension", False)), stack, str(a.get("note", "")), scales,
+        )
+    if set(bases) & set(adaptations):
+        raise ConfigError(f"{where}: a base and an adaptation share a name: {sorted(set(bases) & set(adaptations))}")
+    paper = data.get("paper", {})
+    if not isinstance(paper, dict) or not all(isinstance(v, (int, float)) for v in paper.values()):
+        raise ConfigError(f"{where}: [paper] must map cells to numbers")
+    spec = StudySpec(
+        name=name, title=str(data["title"]), paper_ref=str(data.get("paper_ref", "")), summary=str(data.get("summary", "")),
+        bases=bases, adaptations=adaptations, paper={k: float(v) for k, v in paper.items()},
+        claims=_claims(data.get("claims", []), where), notes={str(k): str(v) for k, v in data.get("notes", {}).items()},
+        path=where,
+    )
+    rows = set(spec.rows())
+    cells = list(spec.paper) + [c.cell for cl in spec.claims for c in cl.checks]
+    for cell in cells:
+        row, _, task = cell.rpartition("/")
+        if row not in rows or not task:
+            raise ConfigError(f"{where}: cell {cell!r} names no row of this study; rows: {', '.join(sorted(rows))}")
+    if not spec.scales:
+        raise ConfigError(f"{where}: no scale is defined by every base and adaptation")
+    return spec
+
+
+def load_study(path: str | Path) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study spec not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+    return parse_study(data, str(path), stem=path.stem)
+
+
+def studies_dir() -> Path:
+    """The packaged study specs (ctxtune/studies/*.toml): the one source of truth."""
+    return Path(str(resources.files("ctxtune") / "studies"))
+
+
+STUDY_ORDER = ("cannot_learn_new_attention", "elicit", "compose_vs_new", "prefix_vs_lora")
+
+
+def list_studies() -> list[str]:
+    names = sorted(p.stem for p in studies_dir().glob("*.toml"))
+    return [n for n in STUDY_ORDER if n in names] + [n for n in names if n not in STUDY_ORDER]
+
+
+def get_study(name: str) -> StudySpec:
+    path = studies_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown study {name!r}; known studies: {', '.join(list_studies())}")
+    return load_study(path)
