@@ -37,7 +37,11 @@ def main() -> None:
     except click_exc.UsageError as exc:
         if type(exc).__name__.startswith("NoArgsIsHelp"):
             sys.exit(0)
-        hint = f" (see 'ctxtune {exc.ctx.command_path.split(' ', 1)[1]} --help')" if exc.ctx and " " in exc.ctx.command_path else ""
+        hint = (
+            f" (see 'ctxtune {exc.ctx.command_path.split(' ', 1)[1]} --help')"
+            if exc.ctx and " " in exc.ctx.command_path
+            else ""
+        )
         print(f"error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as exc:

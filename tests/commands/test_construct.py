@@ -60,12 +60,13 @@ def test_construct_bad_input_exits_2_with_one_line(cli: typer.Typer, args: list[
 
 
 def test_verify_raises_when_broken(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ctxtune.constructions.unconditional as unc
+    import ctxtune.constructions as cons
 
-    monkeypatch.setattr(unc, "MARGIN_M", 2.0)
-    monkeypatch.setattr(unc.make_unconditional, "__defaults__", ("residual", unc.torch.float64, None, 2.0))
+    real = cons.make_unconditional
+    monkeypatch.setattr(cons, "make_unconditional", lambda v, n, **kw: real(v, n, **kw, margin=2.0))  # M < 4
     with pytest.raises(CtxtuneError, match="verification failed"):
         run_construct("unconditional", 5, 3, verify=True)
+    assert run_construct("unconditional", 5, 3)["verified"] is False
 
 
 def test_help_has_example() -> None:

@@ -66,7 +66,12 @@ TINY_SPEC = {
     "model": {"n_layers": 1, "n_heads": 2, "d_model": 16, "n_ctx": 32},
     "pretrain": {"task": "ascending", "train": TINY_TRAIN},
     "tune": {"train": {**TINY_TRAIN, "steps": 4, "lr": 0.01}},
-    "grid": {"seeds": [0], "methods": ["prefix"], "tasks": ["descending"], "options": {"prefix": {"n_virtual": [2]}}},
+    "grid": {
+        "seeds": [0],
+        "methods": ["prefix"],
+        "tasks": ["descending"],
+        "options": {"prefix": {"n_virtual": [2]}},
+    },
 }
 
 
@@ -165,9 +170,16 @@ def test_bad_worker_path_fails_the_job() -> None:
 
 
 def test_process_pool_retries_a_killed_worker_a_bounded_number_of_times() -> None:
-    jobs = [{"id": "dies", "die": True}, {"id": "fails", "fail": True}, {"id": "ok"}, {"id": "after", "depends_on": ["dies"]}]
+    jobs = [
+        {"id": "dies", "die": True},
+        {"id": "fails", "fail": True},
+        {"id": "ok"},
+        {"id": "after", "depends_on": ["dies"]},
+    ]
     events: list[Event] = []
-    out = ProcessExecutor(workers=2, max_attempts=2).run(jobs, worker=f"{HERE}:flaky_worker", on_event=events.append)
+    out = ProcessExecutor(workers=2, max_attempts=2).run(
+        jobs, worker=f"{HERE}:flaky_worker", on_event=events.append
+    )
     assert out["dies"].status == "failed" and out["dies"].attempts == 2
     assert out["dies"].error == "worker process died (signal SIGKILL) (2 attempts)"
     assert [e.kind for e in events if e.job["id"] == "dies"] == ["start", "retry", "start", "failed"]
@@ -194,12 +206,16 @@ def check_fault_recovery(executor: Any, reference: list[dict[str, Any]], out: Pa
     marker = out / "killed.marker"
     jobs = tiny_jobs(out, fault=marker)
     events: list[str] = []
-    summary = run_sweep(jobs, out, executor, worker=f"{HERE}:train_worker", on_event=lambda e, c: events.append(e.kind))
+    summary = run_sweep(
+        jobs, out, executor, worker=f"{HERE}:train_worker", on_event=lambda e, c: events.append(e.kind)
+    )
     assert marker.read_text() == "killed at step 2"  # the worker really died after its first checkpoint
     assert events.count("retry") == 1
     assert summary["done"] == 2 and summary["failed"] == 0
     rows = ResultsStore(out / "results.sqlite").runs()
-    assert sorted(r["config_hash"] for r in rows) == sorted(j["config_hash"] for j in jobs)  # none lost, none twice
+    assert sorted(r["config_hash"] for r in rows) == sorted(
+        j["config_hash"] for j in jobs
+    )  # none lost, none twice
     assert {r["job_id"]: r["attempts"] for r in rows} == {jobs[0]["id"]: 2, jobs[1]["id"]: 1}
     assert all(r["status"] == "done" and r["metrics"]["accuracy"] is not None for r in rows)
     assert_same_runs(reference, jobs)  # resumed from step 2: the same tensors as an uninterrupted run
@@ -210,6 +226,16 @@ def test_process_pool_recovers_from_sigkill(reference: list[dict[str, Any]], tmp
 
 
 # ----- Ray (slow: starting Ray takes a while) ---------------------------------------------------------------
+@pytest.mark.slow
+def test_ray_executor_starts_and_stops_its_own_instance() -> None:
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already running in this process")
+    out = RayExecutor(workers=1).run([{"id": "a"}], worker="ctxtune.experiments.executors:noop_job")
+    assert out["a"].result == {"id": "a", "noop": True}
+    assert not ray.is_initialized()
+
+
 @pytest.fixture(scope="module")
 def ray_instance() -> Any:
     ray = pytest.importorskip("ray")
@@ -219,7 +245,9 @@ def ray_instance() -> Any:
 
 
 @pytest.mark.slow
-def test_ray_gives_bit_identical_results(ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_ray_gives_bit_identical_results(
+    ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path
+) -> None:
     from ctxtune.experiments.sweep import SWEEP_WORKER, run_sweep
 
     jobs = tiny_jobs(tmp_path)
@@ -231,7 +259,9 @@ def test_ray_gives_bit_identical_results(ray_instance: Any, reference: list[dict
 
 
 @pytest.mark.slow
-def test_ray_recovers_from_sigkill(ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_ray_recovers_from_sigkill(
+    ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path
+) -> None:
     check_fault_recovery(RayExecutor(workers=2), reference, tmp_path)
 
 
@@ -242,13 +272,3 @@ def test_ray_failure_policy(ray_instance: Any) -> None:
     assert out["dies"].attempts == 2 and out["dies"].error.startswith("ray worker died")
     assert out["fails"].attempts == 1 and "ValueError" in out["fails"].error
     assert out["ok"].error == "dependency fails failed"
-
-
-@pytest.mark.slow
-def test_ray_executor_starts_and_stops_its_own_instance() -> None:
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already running in this process")
-    out = RayExecutor(workers=1).run([{"id": "a"}], worker="ctxtune.experiments.executors:noop_job")
-    assert out["a"].result == {"id": "a", "noop": True}
-    assert not ray.is_initialized()

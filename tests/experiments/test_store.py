@@ -15,14 +15,24 @@ from ctxtune.experiments.store import ResultsStore, config_hash, job_hash
 
 
 def job(i: int, **extra: object) -> dict:
-    return {"id": f"j{i}", "kind": "tune", "seed": i, "study": "s", "out_dir": f"/runs/{i}", "lr": 0.1, **extra}
+    return {
+        "id": f"j{i}",
+        "kind": "tune",
+        "seed": i,
+        "study": "s",
+        "out_dir": f"/runs/{i}",
+        "lr": 0.1,
+        **extra,
+    }
 
 
 def test_config_hash_is_stable_and_ignores_runtime_keys() -> None:
     assert config_hash({"b": 1, "a": [1, 2]}) == config_hash({"a": [1, 2], "b": 1})
     # The same value always hashes the same, in any process and Python version (no salted hash()).
     assert config_hash({"a": 1}) == "015abd7f5cc57a2dd94b7590f04ad8084273905ee33ec5cebeae62276a97f862"
-    assert job_hash(job(1)) == job_hash({**job(1), "id": "other", "out_dir": "/x", "depends_on": ["z"], "fault": "f"})
+    assert job_hash(job(1)) == job_hash(
+        {**job(1), "id": "other", "out_dir": "/x", "depends_on": ["z"], "fault": "f"}
+    )
     assert job_hash(job(1)) != job_hash(job(1, lr=0.2))
     assert job_hash({"config_hash": "abc"}) == "abc"
 
@@ -90,7 +100,9 @@ def test_concurrent_writers_from_several_processes(tmp_path: Path) -> None:
     ResultsStore(path)
     n_proc, n_each = 4, 25
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(n_each)], stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(w), str(n_each)], stderr=subprocess.PIPE
+        )
         for w in range(n_proc)
     ]
     for p in procs:
@@ -101,7 +113,9 @@ def test_concurrent_writers_from_several_processes(tmp_path: Path) -> None:
     assert len(rows) == n_proc * n_each + 1
     assert all(r["status"] == "done" for r in rows)
     own = [r for r in rows if r["job_id"] != "shared"]
-    assert sorted(r["job_id"] for r in own) == sorted(f"w{w}-{i}" for w in range(n_proc) for i in range(n_each))
+    assert sorted(r["job_id"] for r in own) == sorted(
+        f"w{w}-{i}" for w in range(n_proc) for i in range(n_each)
+    )
     assert all(r["attempts"] == 1 and r["metrics"]["writer"] == r["config"]["writer"] for r in own)
     shared = next(r for r in rows if r["job_id"] == "shared")
     assert shared["metrics"]["writer"] in range(n_proc)  # recorded once, by whichever writer came first

@@ -141,7 +141,9 @@ def test_state_roundtrip_through_safetensors(key: str, opts: dict[str, Any], tmp
     assert torch.equal(method(tokens, n_prompt=10), expected)
 
 
-@pytest.mark.parametrize(("key", "opts"), [v for v in VARIANTS if v[0] != "full"], ids=[i for i in IDS if "full" not in i])
+@pytest.mark.parametrize(
+    ("key", "opts"), [v for v in VARIANTS if v[0] != "full"], ids=[i for i in IDS if "full" not in i]
+)
 def test_bank_routes_each_example_to_its_adapter(key: str, opts: dict[str, Any]) -> None:
     model = fresh_model()
     bank = make_method(key, model, n_adapters=3, **opts).double()
@@ -189,16 +191,19 @@ def test_suffix_cannot_change_the_input_positions_but_prefix_can() -> None:
     assert not torch.allclose(prefix(tokens, n_prompt=10)[:, :9], base[:, :9])
 
 
-@pytest.mark.parametrize(("key", "bad", "match"), [
-    ("prefix", {"n_virtual": 0}, "positive integer"),
-    ("soft_prompt", {"n_virtual": -2}, "positive integer"),
-    ("prefix", {"position_policy": "left"}, "position_policy"),
-    ("lora", {"rank": 100}, "exceeds the width"),
-    ("lora", {"targets": ["qq"]}, "unknown LoRA target"),
-    ("hard_prompt", {"tokens": [1, 10]}, "token ids"),
-    ("prefix", {"colour": 1}, "unknown option"),
-    ("nope", {}, "unknown method"),
-])
+@pytest.mark.parametrize(
+    ("key", "bad", "match"),
+    [
+        ("prefix", {"n_virtual": 0}, "positive integer"),
+        ("soft_prompt", {"n_virtual": -2}, "positive integer"),
+        ("prefix", {"position_policy": "left"}, "position_policy"),
+        ("lora", {"rank": 100}, "exceeds the width"),
+        ("lora", {"targets": ["qq"]}, "unknown LoRA target"),
+        ("hard_prompt", {"tokens": [1, 10]}, "token ids"),
+        ("prefix", {"colour": 1}, "unknown option"),
+        ("nope", {}, "unknown method"),
+    ],
+)
 def test_bad_options_are_config_errors(key: str, bad: dict[str, Any], match: str) -> None:
     from ctxtune.errors import ConfigError
 

@@ -38,8 +38,15 @@ def test_every_hook_is_cached_with_its_documented_shape(tiny_model: GPT, n_virtu
     if n_virtual:
         prefix = [LayerPrefix(hidden=torch.randn(1, n_virtual, cfg.d_model, dtype=torch.float64))] * cfg.n_layers
     _, cache = tiny_model.run_with_cache(tokens, prefix=prefix)
-    sizes = {"batch": 2, "pos": 7, "keys": 7 + n_virtual, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
-             "d_head": cfg.head_dim, "d_mlp": cfg.mlp_dim}
+    sizes = {
+        "batch": 2,
+        "pos": 7,
+        "keys": 7 + n_virtual,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "d_head": cfg.head_dim,
+        "d_mlp": cfg.mlp_dim,
+    }
     expected_names = set()
     for template, dims in EXPECTED_HOOKS.items():
         for layer in range(cfg.n_layers) if "{l}" in template else [0]:
@@ -77,8 +84,12 @@ def test_kv_cache_matches_full_forward(pos: str) -> None:
     torch.manual_seed(2)
     model = GPT(ModelConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=16, pos=pos)).double().eval()
     tokens = torch.randint(0, 10, (2, 12))
-    prefix = [LayerPrefix(key=torch.randn(1, 2, 3, 8, dtype=torch.float64),
-                          value=torch.randn(1, 2, 3, 8, dtype=torch.float64)) for _ in range(2)]
+    prefix = [
+        LayerPrefix(
+            key=torch.randn(1, 2, 3, 8, dtype=torch.float64), value=torch.randn(1, 2, 3, 8, dtype=torch.float64)
+        )
+        for _ in range(2)
+    ]
     full = model(tokens, prefix=prefix)
     cache = KVCache(2)
     parts = [model(tokens[:, :5], prefix=prefix, cache=cache)]
@@ -101,7 +112,9 @@ def test_rotary_content_scores_are_shift_invariant() -> None:
     tokens = torch.randint(0, 10, (1, 6))
     a, _ = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
     _, ca = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
-    _, cb = model.run_with_cache(tokens, position_ids=torch.arange(7, 13)[None], names_filter="blocks.0.attn.hook_pattern")
+    _, cb = model.run_with_cache(
+        tokens, position_ids=torch.arange(7, 13)[None], names_filter="blocks.0.attn.hook_pattern"
+    )
     assert torch.allclose(ca["blocks.0.attn.hook_pattern"], cb["blocks.0.attn.hook_pattern"], atol=1e-12)
 
 

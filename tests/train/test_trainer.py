@@ -29,13 +29,16 @@ def base_model() -> GPT:
     return GPT(CFG).double().eval()
 
 
-@pytest.mark.parametrize(("key", "opts"), [
-    ("prefix", {"n_virtual": 2}),
-    ("lora", {"rank": 1}),
-    ("soft_prompt", {"n_virtual": 2}),
-    ("suffix", {"n_virtual": 1}),
-    ("prefix_kv", {"n_virtual": 1, "reparam_dim": 4}),
-])
+@pytest.mark.parametrize(
+    ("key", "opts"),
+    [
+        ("prefix", {"n_virtual": 2}),
+        ("lora", {"rank": 1}),
+        ("soft_prompt", {"n_virtual": 2}),
+        ("suffix", {"n_virtual": 1}),
+        ("prefix_kv", {"n_virtual": 1, "reparam_dim": 4}),
+    ],
+)
 def test_bank_of_k_equals_k_separate_runs(key: str, opts: dict) -> None:
     tasks = ["ascending", "descending", "add1"]
     streams = [Stream(get_task(t), data_seed=10 + k, init_seed=20 + k) for k, t in enumerate(tasks)]
@@ -93,9 +96,38 @@ def test_cosine_schedule_and_warmup() -> None:
 
 
 def _pretrain_cmd(out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "ctxtune.cli", "pretrain", "--task", "ascending", "--layers", "1", "--heads", "1",
-            "--d-model", "16", "--n-ctx", "24", "--steps", "150", "--batch-size", "16", "--lr", "3e-3",
-            "--eval-examples", "32", "--checkpoint-every", "10", "--dropout", "0.1", "--quiet", "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "ctxtune.cli",
+        "pretrain",
+        "--task",
+        "ascending",
+        "--layers",
+        "1",
+        "--heads",
+        "1",
+        "--d-model",
+        "16",
+        "--n-ctx",
+        "24",
+        "--steps",
+        "150",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--eval-examples",
+        "32",
+        "--checkpoint-every",
+        "10",
+        "--dropout",
+        "0.1",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tomllib
 import typer
 
 from ctxtune.errors import ConfigError, CtxtuneError, TrainingDiverged

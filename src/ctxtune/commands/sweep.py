@@ -91,6 +91,9 @@ def sweep_cmd(
         None, help="Ray cluster address (e.g. auto or ray://head:10001); none starts Ray here."
     ),
     out: Path = typer.Option(None, help="Sweep folder (default: sweeps/<spec name>)."),
+    store: Path = typer.Option(
+        None, help="SQLite results index (default: DIR/results.sqlite; keep it local)."
+    ),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Starts per run when its worker dies."),
     quiet: bool = typer.Option(False, help="No progress on stderr."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (the results.json summary)."),
@@ -117,7 +120,7 @@ def sweep_cmd(
         workers = os.cpu_count() or 1
     runner = get_executor(executor, workers=workers, address=address, max_attempts=max_attempts)
     with SweepProgress(len(jobs), enabled=not quiet) as progress:
-        summary = run_sweep(jobs, out_dir, runner, on_event=progress)
+        summary = run_sweep(jobs, out_dir, runner, on_event=progress, store_path=store)
     if json_out:
         emit_json(summary)
     else:
@@ -128,6 +131,6 @@ def sweep_cmd(
         for run in summary["runs"]:
             if run["status"] == "failed":
                 print(f"  failed {run['id']}: {run['error']}")
-        print(f"results: {out_dir / 'results.json'}  index: {out_dir / 'results.sqlite'}")
+        print(f"results: {out_dir / 'results.json'}  index: {store or out_dir / 'results.sqlite'}")
     if summary["failed"]:
         raise typer.Exit(1)

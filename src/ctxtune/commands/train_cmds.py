@@ -89,26 +89,60 @@ def pretrain_cmd(
     """
     toml = load_toml(config)
     check_top_level(toml, {"task", "model", "train"}, config)
-    model_flags = given(n_layers=layers, n_heads=heads, d_model=d_model, d_mlp=d_mlp, n_ctx=n_ctx, pos=pos,
-                        norm=norm, attn_norm=attn_norm, act=act, dropout=dropout)
+    model_flags = given(
+        n_layers=layers,
+        n_heads=heads,
+        d_model=d_model,
+        d_mlp=d_mlp,
+        n_ctx=n_ctx,
+        pos=pos,
+        norm=norm,
+        attn_norm=attn_norm,
+        act=act,
+        dropout=dropout,
+    )
     model_cfg = ModelConfig.from_dict({"n_ctx": 32, **section(toml, "model"), **model_flags})
     defaults = {"weight_decay": 0.1, "decay_matrices_only": True, "train_mode": True}
-    train_cfg = train_config(toml, given(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                         warmup=warmup, schedule=schedule, seed=seed, placeholders=placeholders,
-                                         eval_examples=eval_examples, checkpoint_every=checkpoint_every), defaults)
+    train_cfg = train_config(
+        toml,
+        given(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            schedule=schedule,
+            seed=seed,
+            placeholders=placeholders,
+            eval_examples=eval_examples,
+            checkpoint_every=checkpoint_every,
+        ),
+        defaults,
+    )
     task_name = task or toml.get("task")
     if not task_name:
         raise ConfigError("no task given: pass --task or set task in the config file")
     task_obj = get_task(task_name)
     _, result = pretrain(model_cfg, task_obj, train_cfg, out_folder(out, resume), resume=resume, quiet=quiet)
-    report(json_out, {"out": str(out), "task": task_name, "steps": result.steps, "final_loss": result.final_loss[0],
-                      "accuracy": result.accuracy[0], "seconds": round(result.seconds, 2)})
+    report(
+        json_out,
+        {
+            "out": str(out),
+            "task": task_name,
+            "steps": result.steps,
+            "final_loss": result.final_loss[0],
+            "accuracy": result.accuracy[0],
+            "seconds": round(result.seconds, 2),
+        },
+    )
 
 
 @cli_errors
 def tune_cmd(
     base: Path = typer.Option(..., help="Pretrained run folder (from ctxtune pretrain)."),
-    method: str = typer.Option(None, help="hard_prompt, in_context, soft_prompt, prefix, prefix_kv, suffix, lora, full."),
+    method: str = typer.Option(
+        None, help="hard_prompt, in_context, soft_prompt, prefix, prefix_kv, suffix, lora, full."
+    ),
     task: list[str] = typer.Option(None, help="Task; repeat for a bank of adapters (one per task)."),
     out: Path = typer.Option(..., help="Run folder to create."),
     config: Path = typer.Option(None, help="TOML file: top-level method and task, options and train tables."),
@@ -149,8 +183,10 @@ def tune_cmd(
     if not task_names:
         raise ConfigError("no task given: pass --task (repeatable) or set task in the config file")
     task_objs = [get_task(t) for t in task_names]
-    options = {**section(toml, "options"), **given(n_virtual=n_virtual, position_policy=position_policy, rank=rank,
-                                                   alpha=alpha, reparam_dim=reparam_dim)}
+    options = {
+        **section(toml, "options"),
+        **given(n_virtual=n_virtual, position_policy=position_policy, rank=rank, alpha=alpha, reparam_dim=reparam_dim),
+    }
     if targets is not None:
         options["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
     if tokens is not None:
@@ -161,16 +197,38 @@ def tune_cmd(
     if key == "in_context":
         options["tokens"] = list(in_context_tokens(task_objs[0], examples or 2, seed=seed or 0))
     defaults = {"weight_decay": 0.01} if key != "full" else {"weight_decay": 0.1, "decay_matrices_only": True}
-    train_cfg = train_config(toml, given(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                         warmup=warmup, schedule=schedule, seed=seed, placeholders=placeholders,
-                                         eval_examples=eval_examples, checkpoint_every=checkpoint_every), defaults)
+    train_cfg = train_config(
+        toml,
+        given(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            schedule=schedule,
+            seed=seed,
+            placeholders=placeholders,
+            eval_examples=eval_examples,
+            checkpoint_every=checkpoint_every,
+        ),
+        defaults,
+    )
     read_config(base)
     out_folder(out, resume)
     method_obj, result = tune(base, key, task_objs, train_cfg, options, out, resume=resume, quiet=quiet)
-    report(json_out, {"out": str(out), "method": key, "tasks": task_names, "steps": result.steps,
-                      "trainable": method_obj.num_trainable(), "final_loss": result.final_loss,
-                      "accuracy": dict(zip(task_names, result.accuracy, strict=True)),
-                      "seconds": round(result.seconds, 2)})
+    report(
+        json_out,
+        {
+            "out": str(out),
+            "method": key,
+            "tasks": task_names,
+            "steps": result.steps,
+            "trainable": method_obj.num_trainable(),
+            "final_loss": result.final_loss,
+            "accuracy": dict(zip(task_names, result.accuracy, strict=True)),
+            "seconds": round(result.seconds, 2),
+        },
+    )
 
 
 @cli_errors

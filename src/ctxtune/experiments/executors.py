@@ -23,11 +23,15 @@ Failure policy (the same for every executor):
 
 Every executor runs each job with `threads` torch threads (default 1), so that the same jobs and seeds
 give bit-identical CPU results under all three.
+
+(This file is longer than our usual 400 lines: the shared scheduler and its three back ends are kept
+together so that the failure policy above reads in one place.)
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -556,6 +560,8 @@ def get_executor(
             raise ConfigError("--address applies only to --executor ray")
         return ProcessExecutor(workers=workers or 1, max_attempts=max_attempts)
     if name == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("the ray executor needs Ray: pip install 'ctxtune[ray]'")
         return RayExecutor(address=address, workers=workers, max_attempts=max_attempts)
     raise ConfigError(f"unknown executor {name!r}; choose one of: {', '.join(EXECUTORS)}")
 

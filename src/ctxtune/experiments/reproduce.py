@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ctxtune.errors import ConfigError
-from ctxtune.experiments.runner import ProgressPrinter, expand, run_jobs
+from ctxtune.experiments.runner import ProgressPrinter, base_key, expand, run_jobs
 from ctxtune.experiments.spec import SCALES, StudySpec, get_study, list_studies
 
 
 def study_plan(study: StudySpec, scale: str) -> dict[str, Any]:
     """What the report needs to know about a study at one scale (JSON)."""
     bases = {
-        b.name: {"task": b.task, "job_key": b.share or f"{study.name}.{b.name}", "per_seed": b.per_seed,
+        b.name: {"task": b.task, "job_key": base_key(study.name, b, scale), "per_seed": b.per_seed,
                  "eval_tasks": list(b.eval_tasks), "model": b.scales[scale].model, "train": b.scales[scale].train}
         for b in study.bases.values()
     }

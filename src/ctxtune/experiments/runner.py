@@ -22,6 +22,7 @@ a `result` entry (what execute_job returns). A failed job writes `error.json` an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -52,6 +53,17 @@ def scaled_train(train: dict[str, Any], factor: float, override: dict[str, Any] 
     if out.get("log_every", 10) > out.get("steps", 1000):
         out["log_every"] = 1
     return out
+
+
+def base_key(study: str, base: Any, scale: str) -> str:
+    """Folder key of a base: "<share>-<hash of its configuration>" when shared, so that studies naming the
+    same share id reuse one run exactly when their configurations at this scale agree."""
+    if not base.share:
+        return f"{study}.{base.name}"
+    s = base.scales[scale]
+    blob = json.dumps({"task": base.task, "model": s.model, "train": s.train, "per_seed": base.per_seed,
+                       "base_seed": base.base_seed}, sort_keys=True)
+    return f"{base.share}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
 def expand(
@@ -86,7 +98,7 @@ def expand(
         base_ids: dict[tuple[str, int], str] = {}
         for b in study.bases.values():
             s = b.scales[scale]
-            key = b.share or f"{study.name}.{b.name}"
+            key = base_key(study.name, b, scale)
             for seed in range(seeds) if b.per_seed else [b.base_seed]:
                 train = scaled_train(s.train, step_factor, train_override)
                 train["seed"] = seed
@@ -101,9 +113,6 @@ def expand(
                 }
                 if job_id in bases:
                     old = bases[job_id]
-                    same = {k: old[k] for k in ("task", "model", "train")} == {k: job[k] for k in ("task", "model", "train")}
-                    if not same:
-                        raise ConfigError(f"base share id {key!r} is used with different configurations at scale {scale}")
                     old["eval"]["tasks"] += [t for t in b.eval_tasks if t not in old["eval"]["tasks"]]
                     old["studies"].append(study.name)
                 else:

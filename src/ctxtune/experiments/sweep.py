@@ -33,7 +33,8 @@ A sweep spec (every table but [grid] optional; unknown keys are errors)::
 
 Each job runs into DIR/runs/<hash8>/ (hash8: the first 8 hex digits of its configuration hash), the
 results index is DIR/results.sqlite and a summary of every run is DIR/results.json. A tuning job
-depends on its seed's pretraining job. Running the sweep again skips the finished runs.
+depends on its seed's pretraining job. Running the sweep again skips the finished runs. Unless a train
+table sets checkpoint_every, runs checkpoint every steps // 10 steps, so a retried worker resumes.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def _train_dict(base: dict[str, Any], seed: int, where: str) -> dict[str, Any]:
 
     if "seed" in base:
         raise ConfigError(f"[{where}.train] must not set seed: seeds come from grid.seeds")
-    return TrainConfig.from_dict({**base, "seed": seed}).to_dict()
+    data = {**base, "seed": seed}
+    if "checkpoint_every" not in data and isinstance(data.get("steps", 1000), int):
+        # A sweep checkpoints by default, so a retried worker resumes instead of starting over.
+        data["checkpoint_every"] = max(1, data.get("steps", 1000) // 10)
+    return TrainConfig.from_dict(data).to_dict()
 
 
 def option_grid(method: str, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -225,6 +230,7 @@ def run_sweep(
     executor: Executor | None = None,
     worker: str = SWEEP_WORKER,
     on_event: Callable[[Event, dict[str, int]], None] | None = None,
+    store_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the jobs not yet done, record every start, result and failure, write results.json.
 
@@ -234,12 +240,13 @@ def run_sweep(
         executor: how to run them (default: in this process).
         worker: dotted path of the worker.
         on_event: called with each event and the counts {"done", "failed", "skipped", "remaining"}.
+        store_path: the SQLite index (default out_dir/results.sqlite; keep it on a local disk).
 
     Returns:
         {"out", "done", "failed", "skipped", "runs": [...]} (the content of results.json).
     """
     out = Path(out_dir)
-    store = ResultsStore(out / "results.sqlite")
+    store = ResultsStore(store_path if store_path is not None else out / "results.sqlite")
     executor = executor or LocalExecutor()
     finished = [
         j for j in jobs if store.is_done(j["config_hash"]) and (Path(j["out_dir"]) / "summary.json").is_file()
@@ -297,7 +304,7 @@ def write_results(
                 "attempts": row.get("attempts", 0),
                 "error": row.get("error"),
                 "out_dir": j["out_dir"],
-                "config": {k: j[k] for k in ("model", "task", "base", "options", "train") if k in j},
+                "config": {k: j[k] for k in ("model", "task", "base", "base_dir", "options", "train") if k in j},
             }
         )
     skipped = sum(

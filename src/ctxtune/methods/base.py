@@ -80,6 +80,8 @@ class Method(nn.Module, ABC):
         self.n_adapters = n_adapters
         object.__setattr__(self, "model", model)  # not a submodule: base weights are not the method's
         self._frozen_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        first = next(model.parameters())
+        self.factory = {"device": first.device, "dtype": first.dtype}  # adapters live with the base
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -136,9 +138,7 @@ class Method(nn.Module, ABC):
         ids = self.routing(adapter_ids, tokens.shape[0])
         prep = self.prepare(tokens, ids, tokens.shape[1] if n_prompt is None else n_prompt)
         with self.active(ids):
-            logits = self.model(
-                prep.tokens, embeds=prep.embeds, position_ids=prep.position_ids, prefix=prep.prefix
-            )
+            logits = self.model(prep.tokens, embeds=prep.embeds, position_ids=prep.position_ids, prefix=prep.prefix)
         return logits[:, prep.out_index]  # [batch, seq, d_vocab]
 
     def active(self, ids: torch.Tensor | None) -> Any:
@@ -148,9 +148,7 @@ class Method(nn.Module, ABC):
         return nullcontext()
 
     @torch.no_grad()
-    def generate(
-        self, prompt: torch.Tensor, n_new: int, adapter_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def generate(self, prompt: torch.Tensor, n_new: int, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding with a KV cache: [batch, n_prompt] -> [batch, n_new] new tokens."""
         batch, n_prompt = prompt.shape
         ids = self.routing(adapter_ids, batch)
@@ -186,7 +184,9 @@ class Method(nn.Module, ABC):
         own = self.state_dict()
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
-            raise ConfigError(f"adapter state does not match method {self.key!r}: missing {missing}, unexpected {extra}")
+            raise ConfigError(
+                f"adapter state does not match method {self.key!r}: missing {missing}, unexpected {extra}"
+            )
         for name, tensor in state.items():
             if tensor.shape != own[name].shape:
                 raise ConfigError(

@@ -92,8 +92,8 @@ class LoRA(Method):
                         f"use rank <= {min(d_in, d_out)}"
                     )
                 name = f"{layer}_{target}"
-                self.A[name] = nn.Parameter(torch.zeros(n_adapters, config.rank, d_in, dtype=base.weight.dtype))
-                self.B[name] = nn.Parameter(torch.zeros(n_adapters, d_out, config.rank, dtype=base.weight.dtype))
+                self.A[name] = nn.Parameter(torch.zeros(n_adapters, config.rank, d_in, **self.factory))
+                self.B[name] = nn.Parameter(torch.zeros(n_adapters, d_out, config.rank, **self.factory))
                 self._originals.append((parent, attr, base))
                 setattr(parent, attr, LoRALinear(base, self, name))
         gen = torch.Generator().manual_seed(0)

@@ -65,7 +65,7 @@ class Prefix(PrefixBase):
     def __init__(self, model: GPT, config: PrefixConfig, n_adapters: int = 1) -> None:
         super().__init__(model, config, n_adapters)
         cfg = model.cfg
-        self.hidden = nn.Parameter(torch.zeros(n_adapters, cfg.n_layers, config.n_virtual, cfg.d_model))
+        self.hidden = nn.Parameter(torch.zeros(n_adapters, cfg.n_layers, config.n_virtual, cfg.d_model, **self.factory))
         gen = torch.Generator().manual_seed(0)
         for k in range(n_adapters):
             self.init_adapter(k, gen)

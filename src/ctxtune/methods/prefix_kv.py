@@ -45,13 +45,13 @@ class PrefixKV(PrefixBase):
         cfg, K, P, h = model.cfg, n_adapters, config.n_virtual, config.reparam_dim
         self.kv_width = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim
         if h == 0:
-            self.kv = nn.Parameter(torch.zeros(K, P, self.kv_width))
+            self.kv = nn.Parameter(torch.zeros(K, P, self.kv_width, **self.factory))
         else:
-            self.embedding = nn.Parameter(torch.zeros(K, P, cfg.d_model))
-            self.w1 = nn.Parameter(torch.zeros(K, cfg.d_model, h))
-            self.b1 = nn.Parameter(torch.zeros(K, h))
-            self.w2 = nn.Parameter(torch.zeros(K, h, self.kv_width))
-            self.b2 = nn.Parameter(torch.zeros(K, self.kv_width))
+            self.embedding = nn.Parameter(torch.zeros(K, P, cfg.d_model, **self.factory))
+            self.w1 = nn.Parameter(torch.zeros(K, cfg.d_model, h, **self.factory))
+            self.b1 = nn.Parameter(torch.zeros(K, h, **self.factory))
+            self.w2 = nn.Parameter(torch.zeros(K, h, self.kv_width, **self.factory))
+            self.b2 = nn.Parameter(torch.zeros(K, self.kv_width, **self.factory))
         gen = torch.Generator().manual_seed(0)
         for k in range(K):
             self.init_adapter(k, gen)

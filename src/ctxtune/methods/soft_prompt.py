@@ -42,7 +42,7 @@ class SoftPrompt(Method):
 
     def __init__(self, model: GPT, config: SoftPromptConfig, n_adapters: int = 1) -> None:
         super().__init__(model, config, n_adapters)
-        self.virtual = nn.Parameter(torch.zeros(n_adapters, config.n_virtual, model.cfg.d_model))
+        self.virtual = nn.Parameter(torch.zeros(n_adapters, config.n_virtual, model.cfg.d_model, **self.factory))
         gen = torch.Generator().manual_seed(0)
         for k in range(n_adapters):
             self.init_adapter(k, gen)

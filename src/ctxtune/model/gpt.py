@@ -278,7 +278,11 @@ class GPT(HookedModule):
         """N(0, 0.02) weights, zero biases; residual output projections scaled by 1/sqrt(2 n_layers)."""
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "fc_out.weight")) else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * self.cfg.n_layers)
+                    if name.endswith(("o_proj.weight", "fc_out.weight"))
+                    else 0.02
+                )
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)

@@ -43,16 +43,19 @@ def pretrain(
     out_dir: str | Path | None = None,
     resume: bool = False,
     quiet: bool = True,
+    device: str = "cpu",
 ) -> tuple[GPT, TrainResult]:
     """Train a fresh model on `task` (every weight trainable); returns the trained model."""
     task = get_task(task) if isinstance(task, str) else task
     check_fits(model_cfg, [task], train_cfg.placeholders)
     torch.manual_seed(train_cfg.seed)
-    model = GPT(model_cfg)
+    model = GPT(model_cfg).to(device)
     method = make_method("full", model)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        write_run_config(out, "pretrain", model_cfg, {"key": "full", "options": {}, "n_adapters": 1}, train_cfg, [task.name])
+        write_run_config(
+            out, "pretrain", model_cfg, {"key": "full", "options": {}, "n_adapters": 1}, train_cfg, [task.name]
+        )
     result = Trainer(method, make_streams([task], train_cfg.seed), train_cfg, out, quiet=quiet).run(resume=resume)
     # The trained weights are the product: drop the method without restoring the initial snapshot.
     for p in model.parameters():
@@ -73,15 +76,19 @@ def tune(
     out_dir: str | Path | None = None,
     resume: bool = False,
     quiet: bool = True,
+    device: str | None = None,
 ) -> tuple[Method, TrainResult]:
     """Train method `method_key` on a frozen base; one adapter per task (a bank when several)."""
     options = dict(options or {})
     base_path = None if isinstance(base, GPT) else Path(base)
     model = base if isinstance(base, GPT) else load_base_model(base)
+    if device is not None:
+        model.to(device)
     task_objs = [get_task(t) if isinstance(t, str) else t for t in tasks]
     if not task_objs:
         raise ConfigError("tune needs at least one task")
     method = make_method(method_key, model, n_adapters=len(task_objs), **options)
+    method.to(next(model.parameters()).device)
     extra = method.content_offset(index=10**9, n_prompt=0)  # positions the method adds before the last token
     check_fits(model.cfg, task_objs, train_cfg.placeholders, extra)
     out = Path(out_dir) if out_dir is not None else None
@@ -104,7 +111,9 @@ def evaluate_run(
 ) -> dict[str, float]:
     """Accuracy of one adapter on several tasks."""
     task_objs = [get_task(t) for t in tasks]
-    accs = evaluate(method, task_objs, n_examples, seed=seed, placeholders=placeholders, adapters=[adapter] * len(tasks))
+    accs = evaluate(
+        method, task_objs, n_examples, seed=seed, placeholders=placeholders, adapters=[adapter] * len(tasks)
+    )
     return dict(zip(tasks, accs, strict=True))
 
 
@@ -130,7 +139,9 @@ def write_run_config(
     existing = out / "config.json"
     if existing.is_file():
         old = read_config(out)
-        if {k: v for k, v in old.items() if k != "ctxtune_version"} != {k: v for k, v in config.items() if k != "ctxtune_version"}:
+        if {k: v for k, v in old.items() if k != "ctxtune_version"} != {
+            k: v for k, v in config.items() if k != "ctxtune_version"
+        }:
             # Never mix two configurations in one folder: a resume must continue the same run.
             raise ConfigError(f"{out} holds a run with another configuration; choose a new --out folder")
     atomic_write_json(existing, config)

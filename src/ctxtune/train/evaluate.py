@@ -35,6 +35,7 @@ def evaluate(
     Examples of all adapters are batched together and routed through the bank.
     """
     adapters = list(range(len(tasks))) if adapters is None else adapters
+    device = next(method.model.parameters()).device
     was_training = method.model.training
     method.model.eval()
     correct = [0] * len(tasks)
@@ -45,8 +46,9 @@ def evaluate(
             while done < n_examples:
                 n = min(batch_size, n_examples - done)
                 batch = task.make_batch(n, gen, split="test", placeholders=placeholders, start_index=done)
-                ids = torch.full((n,), k, dtype=torch.long) if method.n_adapters > 1 else None
-                correct[i] += int(exact_match(method, batch.tokens, batch.n_prompt, ids, mode).sum())
+                ids = torch.full((n,), k, dtype=torch.long, device=device) if method.n_adapters > 1 else None
+                tokens = batch.tokens.to(device)
+                correct[i] += int(exact_match(method, tokens, batch.n_prompt, ids, mode).sum())
                 done += n
     finally:
         method.model.train(was_training)

@@ -1,12 +1,12 @@
 """Run folders: what a training run leaves on disk, and how to load it back.
 
-    <run>/config.json         {"kind": "pretrain"|"tune", "model": ModelConfig, "method": {...}, "train": TrainConfig,
-                               "tasks": [...], "base": "<base run folder>" (tune only), "ctxtune_version"}
-    <run>/model.safetensors   full model weights (pretrain, and tune with method "full")
-    <run>/adapter.safetensors adapter tensors (tune with any other method)
-    <run>/metrics.jsonl       one JSON object per logged step
-    <run>/summary.json        final accuracies, losses, parameter counts, time
-    <run>/checkpoint.*        resumable state (adapter, optimiser, RNG)
+<run>/config.json         {"kind": "pretrain"|"tune", "model": ModelConfig, "method": {...}, "train": TrainConfig,
+                           "tasks": [...], "base": "<base run folder>" (tune only), "ctxtune_version"}
+<run>/model.safetensors   full model weights (pretrain, and tune with method "full")
+<run>/adapter.safetensors adapter tensors (tune with any other method)
+<run>/metrics.jsonl       one JSON object per logged step
+<run>/summary.json        final accuracies, losses, parameter counts, time
+<run>/checkpoint.*        resumable state (adapter, optimiser, RNG)
 """
 
 from __future__ import annotations

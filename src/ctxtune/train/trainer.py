@@ -88,6 +88,7 @@ class Trainer:
         self.generators = [torch.Generator().manual_seed(s.data_seed) for s in streams]
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.device = next(method.model.parameters()).device  # data is generated on CPU, moved here
 
     def param_groups(self) -> list[dict[str, Any]]:
         if not self.cfg.decay_matrices_only:
@@ -100,12 +101,15 @@ class Trainer:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
         cfg, K = self.cfg, len(self.streams)
         batches = [
-            s.task.make_batch(cfg.batch_size, g, "train", placeholders=cfg.placeholders, start_index=self.step * cfg.batch_size)
+            s.task.make_batch(
+                cfg.batch_size, g, "train", placeholders=cfg.placeholders, start_index=self.step * cfg.batch_size
+            )
             for s, g in zip(self.streams, self.generators, strict=True)
         ]
-        tokens = torch.cat([b.tokens for b in batches])  # [K * batch, seq]
-        mask = torch.cat([b.loss_mask for b in batches])
-        ids = torch.arange(K).repeat_interleave(cfg.batch_size) if K > 1 else None
+        device = self.device
+        tokens = torch.cat([b.tokens for b in batches]).to(device)  # [K * batch, seq]
+        mask = torch.cat([b.loss_mask for b in batches]).to(device)
+        ids = torch.arange(K, device=device).repeat_interleave(cfg.batch_size) if K > 1 else None
         return tokens, mask, ids, batches[0].n_prompt
 
     def losses(self) -> torch.Tensor:
@@ -265,8 +269,12 @@ class progress_bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TimeRemainingColumn(), transient=True,
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            transient=True,
         )
         self.progress.start()
         task = self.progress.add_task("train", total=self.total, completed=self.done, loss="-")

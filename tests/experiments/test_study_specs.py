@@ -1,0 +1,128 @@
+"""Study specs: every shipped spec validates and runs for 2 steps; bad specs are one-line ConfigErrors."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ctxtune.errors import ConfigError
+from ctxtune.experiments.reproduce import reproduce
+from ctxtune.experiments.runner import execute_job, expand, scaled_train, waves
+from ctxtune.experiments.spec import get_study, list_studies, load_study, parse_study, studies_dir
+
+STUDIES = ["cannot_learn_new_attention", "elicit", "compose_vs_new", "prefix_vs_lora"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_all_four_studies_ship_with_quick_and_paper_scales() -> None:
+    assert list_studies()[:4] == STUDIES
+    for name in STUDIES:
+        spec = get_study(name)
+        assert {"quick", "paper"} <= set(spec.scales)
+        assert spec.claims and spec.paper
+
+
+def test_top_level_studies_folder_has_no_second_copy() -> None:
+    # One source of truth: the packaged specs; the top-level folder only points there.
+    top = REPO / "studies"
+    if top.is_dir():
+        assert not list(top.glob("*.toml")), "study specs live in src/ctxtune/studies/ only"
+    assert (studies_dir() / "elicit.toml").is_file()
+
+
+def _raw(name: str) -> dict:
+    return tomllib.loads((studies_dir() / f"{name}.toml").read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d.update(colour="red"), "unknown key(s)"),
+        (lambda d: d["adaptations"]["prefix"].update(method="telepathy"), "unknown method 'telepathy'"),
+        (lambda d: d["adaptations"]["prefix"].update(tasks=["sorting_backwards"]), "sorting_backwards"),
+        (lambda d: d["adaptations"]["prefix"]["scale"]["quick"]["train"].update(stepz=3), "unknown train key"),
+        (lambda d: d["adaptations"]["prefix"]["scale"]["quick"]["options"].update(rank=2), "unknown option"),
+        (lambda d: d["bases"]["mix"]["scale"]["quick"]["model"].update(n_layer=2), "unknown model key"),
+        (lambda d: d["paper"].update({"nothing/ascending": 0.5}), "names no row"),
+        (lambda d: d["claims"][0]["checks"][0].update(op="~"), "op must be one of"),
+        (lambda d: d["bases"]["mix"].update(per_seed=True), "stack_seeds needs a base shared"),
+    ],
+)
+def test_bad_spec_is_one_line_config_error(mutate, needle: str) -> None:
+    data = _raw("elicit")
+    mutate(data)
+    with pytest.raises(ConfigError) as err:
+        parse_study(data, "elicit.toml")
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_load_study_rejects_name_mismatch_and_bad_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "other.toml"
+    bad.write_text((studies_dir() / "elicit.toml").read_text())
+    with pytest.raises(ConfigError, match="must equal the file name"):
+        load_study(bad)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = [")
+    with pytest.raises(ConfigError, match="malformed TOML"):
+        load_study(broken)
+    with pytest.raises(ConfigError, match="unknown study"):
+        get_study("nope")
+
+
+def test_expand_shares_the_mix_base_and_orders_dependencies(tmp_path: Path) -> None:
+    specs = [get_study(n) for n in STUDIES]
+    jobs = expand(specs, "quick", 3, tmp_path)
+    json.dumps(jobs)  # JSON-serialisable
+    bases = [j for j in jobs if j["kind"] == "pretrain"]
+    mix = [j for j in bases if j["id"].startswith("base/mix-")]
+    assert len(mix) == 1 and set(mix[0]["studies"]) == {"elicit", "compose_vs_new", "prefix_vs_lora"}
+    assert len([j for j in bases if "cannot_learn" in j["id"]]) == 3  # one base per seed
+    stacked = next(j for j in jobs if j["id"].startswith("elicit/prefix/"))
+    assert len(stacked["streams"]) == 12 and stacked["depends_on"] == [mix[0]["id"]]
+    assert [j["kind"] for j in waves(jobs)[0]] == ["pretrain"] * len(bases)
+    # At paper scale the elicit base differs (1 layer, no attention norm): same share id, separate run.
+    paper = [j for j in expand(specs, "paper", 1, tmp_path) if j["id"].startswith("base/mix-")]
+    assert len(paper) == 2
+
+
+def test_step_factor_scales_every_step_count() -> None:
+    out = scaled_train({"steps": 40000, "warmup": 100, "checkpoint_every": 10000, "lr": 1e-3}, 0.01, None)
+    assert out == {"steps": 400, "warmup": 1, "checkpoint_every": 100, "lr": 1e-3}
+    assert scaled_train({"steps": 10}, 0.001, None)["steps"] == 1
+
+
+def test_every_study_runs_for_two_steps(tmp_path: Path) -> None:
+    summary = reproduce(scale="quick", seeds=2, out=tmp_path, train_override={"steps": 2}, eval_examples=16,
+                        threads=1, quiet=True)
+    assert summary["jobs"]["ok"] == summary["jobs"]["total"] > 0, summary["failed"]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["studies"]) == set(STUDIES)
+    for name in STUDIES:
+        st = doc["studies"][name]
+        assert st["runs"] and all(r["status"] == "ok" for r in st["runs"])
+        assert all((tmp_path / r["out_dir"] / "summary.json").is_file() for r in st["runs"])
+        for cell in st["cells"]:
+            if cell["paper"] is None or cell["n"]:
+                assert cell["n"] in (1, 2)
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "report.md").is_file()
+    # Idempotent: a second run returns the stored results without training again.
+    job = next(j for j in json.loads((tmp_path / "plan.json").read_text())["jobs"] if j["kind"] == "adapt")
+    again = execute_job(job)
+    assert again["cached"] and again["status"] == "ok"
+
+
+def test_failed_job_is_recorded_and_dependents_skipped(tmp_path: Path) -> None:
+    from ctxtune.experiments.runner import run_jobs
+
+    jobs = expand([get_study("cannot_learn_new_attention")], "quick", 1, tmp_path, train_override={"steps": 2},
+                  eval_examples=8)
+    jobs[0]["model"]["n_ctx"] = 4  # too short for the task: the pretraining fails
+    results = run_jobs(jobs)
+    assert results[jobs[0]["id"]]["status"] == "failed"
+    assert "needs" in results[jobs[0]["id"]]["error"]
+    assert (Path(jobs[0]["out_dir"]) / "error.json").is_file()
+    assert {r["status"] for k, r in results.items() if k != jobs[0]["id"]} == {"skipped"}
