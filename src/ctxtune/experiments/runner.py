@@ -384,12 +384,30 @@ def run_jobs(
         return {"id": job["id"], "kind": job["kind"], "status": "skipped", "out_dir": job["out_dir"],
                 "error": f"dependency failed: {', '.join(bad)}"}
 
-    for wave in waves(jobs):
-        for j in wave:
-            results[j["id"]] = safe_execute_job(j) if ready(j) else skipped(j)
-            if on_result:
-                on_result(j, results[j["id"]])
+    waves(jobs)  # rejects unknown or circular dependencies
+    for j in study_order(jobs):
+        results[j["id"]] = safe_execute_job(j) if ready(j) else skipped(j)
+        if on_result:
+            on_result(j, results[j["id"]])
     return results
+
+
+def study_order(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Dependencies first, otherwise study by study: a run cut short still leaves whole studies behind."""
+    by_id = {j["id"]: j for j in jobs}
+    placed: dict[str, dict[str, Any]] = {}
+
+    def place_job(job: dict[str, Any]) -> None:
+        if job["id"] in placed:
+            return
+        for dep in job.get("depends_on", []):
+            if dep in by_id:
+                place_job(by_id[dep])
+        placed[job["id"]] = job
+
+    for job in [j for j in jobs if j.get("depends_on")] + jobs:
+        place_job(job)
+    return list(placed.values())
 
 
 def outcome_result(job: dict[str, Any], outcome: Any) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from ctxtune.io import atomic_write_json, load_json
 
 SWEEP_WORKER = "ctxtune.experiments.sweep:run_job"
 TOP_KEYS = {"name", "model", "pretrain", "tune", "grid", "resources"}
+CONFIG_KEYS = ("model", "task", "base", "base_dir", "options", "train")  # a run's config in results.json
 PRETRAIN_DEFAULTS = {"weight_decay": 0.1, "decay_matrices_only": True, "train_mode": True}
 
 
@@ -304,7 +305,7 @@ def write_results(
                 "attempts": row.get("attempts", 0),
                 "error": row.get("error"),
                 "out_dir": j["out_dir"],
-                "config": {k: j[k] for k in ("model", "task", "base", "base_dir", "options", "train") if k in j},
+                "config": {k: j[k] for k in CONFIG_KEYS if k in j},
             }
         )
     skipped = sum(

@@ -1,0 +1,350 @@
+"""Will a prefix be enough? Fit a cheap LoRA, then ask per head whether a prefix could express its change.
+
+Procedure (`diagnose`):
+1. Fit LoRA (rank r on q, k, v, o of every block; a few hundred steps) on the task, on a copy of the base.
+2. On test examples, take each layer's input x^ft from the ADAPTED run and feed the same x^ft to the
+   base attention and to the adapted attention (the per-layer comparison the paper's identity needs:
+   same layer input, same position ids). For every head h and query i get the head's contribution to
+   the residual stream r_i = W_O,h z_i (so LoRA on W_O counts) and the attention pattern A_i.
+3. (i) Prefix-expressibility: fit r^ft_i ~ (1 - alpha_i) r^base_i + alpha_i u with alpha_i in [0, 1]
+   per query and one vector u per head (the single-prefix form of paper.md §4) by alternating least
+   squares (alpha has a closed form given u, clipped to [0, 1]; u has one given alpha); report
+   `unexplained` = |r^ft - fit|^2 / |D - mean(D)|^2 with D = r^ft - r^base, the fraction of the change's
+   VARIANCE (over inputs and queries) that no prefix of this form explains (0: a prefix could do it
+   exactly; about 1 or more: nothing of it). A constant shift is free for a prefix, hence the centring.
+   Queries are the rows that predict output tokens (n_prompt - 1 onwards), where the task is decided.
+   (ii) Relative content attention change: `attention_tv` = mean over queries of the total-variation
+   distance 0.5 * sum_j |A^ft_ij - A^base_ij| (a prefix leaves it 0 at this layer input).
+   Also `change` = |r^ft - r^base|^2 / |r^base|^2, the size of the head's change.
+4. Verdict. A head "needs a new attention pattern" when
+       change >= CHANGE_MIN (0.05)  and  attention_tv >= TV_MIN (0.10)  and  unexplained >= UNEXPLAINED_MIN (0.5).
+   If no head qualifies: "a prefix can express this change"; else "these heads need new attention
+   patterns: L.H, ..." (1-based layer and head). The thresholds were chosen on the four validation cases
+   of the reproduce studies (the only labelled cases available); see docs/suffix-vs-prefix.md for the
+   agreement table and the honest caveats (a LoRA is free to change more than needed).
+
+Validation JSON (`results/beyond/diagnose_validation.json`, written by `validate`)::
+
+    {"kind": "diagnose_validation", "thresholds": {...},
+     "cases": [{"case": str, "base": str, "task": str, "expected": "success"|"failure" (the paper's outcome),
+                "diagnosis": Diagnosis.to_dict(), "predicted": "success"|"failure", "agrees_with_paper": bool,
+                "prefix": {"options": dict, "steps": int, "accuracy": float, "seconds": float},
+                "agrees_with_our_prefix": bool}],
+     "agreement_paper": "k/n", "agreement_ours": "k/n"}
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctxtune.errors import ConfigError
+from ctxtune.io import atomic_write_json
+from ctxtune.methods import Method
+from ctxtune.model import GPT
+from ctxtune.theory.capture import _gpt_attention
+
+CHANGE_MIN = 0.05
+TV_MIN = 0.10
+UNEXPLAINED_MIN = 0.5
+SUCCESS_ACCURACY = 0.5
+"""A prefix run "succeeds" at or above this exact-match accuracy (the studies' claims use 50%)."""
+
+
+@dataclass(frozen=True)
+class HeadDiagnosis:
+    """One head's change under the fitted LoRA (see the module docstring for the definitions)."""
+
+    layer: int
+    head: int
+    change: float
+    unexplained: float
+    attention_tv: float
+    mean_alpha: float
+    needs_new_attention: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer + 1}.{self.head + 1}"
+
+
+@dataclass
+class Diagnosis:
+    """The diagnostic's outcome."""
+
+    task: str
+    steps: int
+    rank: int
+    lora_accuracy: float
+    lora_loss: float
+    heads: list[HeadDiagnosis]
+    flagged: list[str]
+    verdict: str
+    prefix_ok: bool
+    seconds_fit: float
+    seconds_analysis: float
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for h, head in zip(out["heads"], self.heads, strict=True):
+            h["label"] = head.label
+        return out
+
+
+def fit_prefix_form(r_ft: torch.Tensor, r_base: torch.Tensor, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best r_ft ~ (1 - alpha) r_base + alpha u with alpha in [0, 1] per row and one u.
+
+    Args:
+        r_ft, r_base: [N, d] adapted and base outputs of one head on the same inputs.
+        iters: alternating least-squares rounds.
+
+    Returns:
+        (alpha [N], u [d]).
+    """
+    delta = r_ft - r_base  # [N, d]
+    # start from the single direction that explains most of the change, scaled to the largest reach
+    alpha = torch.full((r_ft.shape[0],), 0.5, dtype=r_ft.dtype)
+    u = r_base.mean(0) + 2 * delta.mean(0)
+    for _ in range(iters):
+        # alpha given u: minimise |delta - alpha (u - r_base)|^2 per row, clipped to [0, 1]
+        g = u[None] - r_base  # [N, d]
+        alpha = ((delta * g).sum(1) / g.pow(2).sum(1).clamp_min(1e-30)).clamp(0.0, 1.0)
+        # u given alpha: minimise sum |r_ft - (1 - alpha) r_base - alpha u|^2
+        denom = alpha.pow(2).sum()
+        if float(denom) <= 0:
+            break
+        u = (alpha[:, None] * (r_ft - (1 - alpha)[:, None] * r_base)).sum(0) / denom
+    return alpha, u
+
+
+def _head_contributions(o_proj: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Per-head residual contributions W_O,h z_h: z [batch, pos, n_heads, d_head] -> [batch, pos, n_heads, d_model].
+
+    Works for a plain Linear and a LoRA-wrapped one (the bias is removed by subtracting o_proj(0)).
+    """
+    batch, pos, n_heads, d_head = z.shape
+    bias = o_proj(torch.zeros(1, n_heads * d_head, dtype=z.dtype))  # [1, d_model]
+    outs = []
+    for h in range(n_heads):
+        only = torch.zeros_like(z)
+        only[:, :, h] = z[:, :, h]
+        outs.append(o_proj(only.reshape(batch, pos, n_heads * d_head)) - bias)  # [batch, pos, d_model]
+    return torch.stack(outs, dim=2)  # [batch, pos, n_heads, d_model]
+
+
+@torch.no_grad()
+def analyse(base: GPT, method: Method, tokens: torch.Tensor, first_row: int = 0) -> list[HeadDiagnosis]:
+    """Per-layer, per-head comparison of the adapted model (`method` attached to its model) with `base`.
+
+    Args:
+        base: an unadapted copy of the model.
+        method: the fitted weight-based method (LoRA) on another copy.
+        tokens: [batch, seq] model inputs.
+        first_row: analyse the queries from this position on (n_prompt - 1: the rows that predict outputs).
+    """
+    model: GPT = method.model
+    names = [f"blocks.{layer}.ln1.hook_normalized" for layer in range(model.cfg.n_layers)]
+    with method.active(None):
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    pos_ids = model.default_position_ids(tokens.shape[0], tokens.shape[1], 0, tokens.device)
+    out = []
+    for layer in range(model.cfg.n_layers):
+        x = cache[names[layer]]  # [batch, pos, d_model] adapted run's layer input
+        a_base, z_base = _gpt_attention(base.blocks[layer].attn, x, pos_ids)
+        with method.active(None):
+            a_ft, z_ft = _gpt_attention(model.blocks[layer].attn, x, pos_ids)
+            r_ft = _head_contributions(model.blocks[layer].attn.o_proj, z_ft)
+        r_base = _head_contributions(base.blocks[layer].attn.o_proj, z_base)
+        tv = 0.5 * (a_ft - a_base).abs().sum(-1)[:, :, first_row:]  # [batch, n_heads, rows]
+        r_ft, r_base = r_ft[:, first_row:], r_base[:, first_row:]  # [batch, rows, n_heads, d_model]
+        for h in range(model.cfg.n_heads):
+            rf = r_ft[:, :, h].reshape(-1, r_ft.shape[-1])  # [batch * rows, d_model]
+            rb = r_base[:, :, h].reshape(-1, r_base.shape[-1])
+            diff = rf - rb
+            delta = (diff - diff.mean(0)).pow(2).sum()  # variance of the change (a constant shift is free)
+            alpha, u = fit_prefix_form(rf, rb)
+            fit = (1 - alpha)[:, None] * rb + alpha[:, None] * u[None]
+            unexplained = float((rf - fit).pow(2).sum() / delta) if float(delta) > 0 else 0.0
+            change = float(diff.pow(2).sum() / rb.pow(2).sum().clamp_min(1e-30))
+            head_tv = float(tv[:, h].mean())
+            flagged = change >= CHANGE_MIN and head_tv >= TV_MIN and unexplained >= UNEXPLAINED_MIN
+            out.append(HeadDiagnosis(layer, h, change, unexplained, head_tv, float(alpha.mean()), flagged))
+    return out
+
+
+def diagnose(
+    base: GPT | str | Path,
+    task: str,
+    steps: int = 300,
+    rank: int = 4,
+    lr: float = 1e-2,
+    seed: int = 0,
+    n_examples: int = 256,
+    eval_examples: int = 500,
+) -> Diagnosis:
+    """Fit LoRA on `task` and diagnose whether a prefix could express the change (module docstring).
+
+    Args:
+        base: a GPT or a pretrain run folder.
+        task: task name.
+        steps: LoRA training steps.
+        rank: LoRA rank (targets q, k, v, o; alpha = rank).
+        lr: LoRA learning rate (cosine schedule).
+        seed: training seed.
+        n_examples: test examples for the analysis.
+        eval_examples: test examples for the LoRA's accuracy.
+    """
+    from ctxtune.tasks import get_task
+    from ctxtune.train.api import tune
+    from ctxtune.train.config import TrainConfig
+    from ctxtune.train.runs import load_base_model
+
+    task_obj = get_task(task)
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {steps!r}")
+    model = base if isinstance(base, GPT) else load_base_model(base)
+    frozen = copy.deepcopy(model).eval()
+    work = copy.deepcopy(model)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), schedule="cosine", min_lr_ratio=0.1,
+                      weight_decay=0.0, seed=seed, eval_examples=eval_examples)
+    t0 = time.time()
+    method, res = tune(work, "lora", [task], cfg, {"rank": rank, "alpha": float(rank), "targets": ["q", "k", "v", "o"]})
+    fit_s = time.time() - t0
+    t1 = time.time()
+    batch = task_obj.make_batch(n_examples, torch.Generator().manual_seed(seed + 99), split="test")
+    heads = analyse(frozen, method, batch.tokens[:, :-1], batch.n_prompt - 1)
+    flagged = [h.label for h in heads if h.needs_new_attention]
+    verdict = (
+        "a prefix can express this change"
+        if not flagged
+        else "these heads need new attention patterns: " + ", ".join(flagged)
+    )
+    return Diagnosis(
+        task=task, steps=steps, rank=rank, lora_accuracy=res.accuracy[0], lora_loss=res.final_loss[0], heads=heads,
+        flagged=flagged, verdict=verdict, prefix_ok=not flagged, seconds_fit=round(fit_s, 2),
+        seconds_analysis=round(time.time() - t1, 2),
+        thresholds={"change_min": CHANGE_MIN, "tv_min": TV_MIN, "unexplained_min": UNEXPLAINED_MIN},
+    )
+
+
+def table(diag: Diagnosis) -> str:
+    """Plain-text per-head table plus the verdict."""
+    lines = [f"task {diag.task}: LoRA rank {diag.rank}, {diag.steps} steps, accuracy {100 * diag.lora_accuracy:.1f}%",
+             f"{'head':>5} {'change':>8} {'unexpl.':>8} {'attn TV':>8} {'alpha':>6}  flag"]
+    for h in diag.heads:
+        lines.append(f"{h.label:>5} {h.change:8.3f} {h.unexplained:8.3f} {h.attention_tv:8.3f} {h.mean_alpha:6.2f}  "
+                     f"{'NEW ATTENTION' if h.needs_new_attention else ''}")
+    lines.append(f"verdict: {diag.verdict}")
+    lines.append(f"cost: {diag.seconds_fit + diag.seconds_analysis:.1f} s (fit {diag.seconds_fit:.1f} s)")
+    return "\n".join(lines)
+
+
+def heatmap(diag: Diagnosis, path: Path) -> None:
+    """PNG with two layer x head panels: unexplained fraction and attention TV (flagged heads boxed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n_layers = max(h.layer for h in diag.heads) + 1
+    n_heads = max(h.head for h in diag.heads) + 1
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.4 * n_heads * 2, 1.4 + 0.8 * n_layers), squeeze=False)
+    for ax, key, title in ((axes[0, 0], "unexplained", "unexplained by a prefix"),
+                           (axes[0, 1], "attention_tv", "attention change (TV)")):
+        grid = torch.zeros(n_layers, n_heads)
+        for h in diag.heads:
+            grid[h.layer, h.head] = getattr(h, key)
+        im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for h in diag.heads:
+            ax.text(h.head, h.layer, f"{getattr(h, key):.2f}", ha="center", va="center",
+                    color="red" if h.needs_new_attention else "white", fontsize=8)
+        ax.set_xticks(range(n_heads), [f"H{i + 1}" for i in range(n_heads)])
+        ax.set_yticks(range(n_layers), [f"L{i + 1}" for i in range(n_layers)])
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.suptitle(f"{diag.task}: {diag.verdict}", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+VALIDATION_CASES: list[dict[str, Any]] = [
+    {"case": "descending_from_ascending", "base": "ascending_1l", "task": "descending", "expected": "failure",
+     "prefix": {"n_virtual": 1}},
+    {"case": "double_hist_from_mix", "base": "mix_2l", "task": "double_hist", "expected": "failure",
+     "prefix": {"n_virtual": 10}},
+    {"case": "elicit_ascending_from_mix", "base": "mix_2l", "task": "ascending", "expected": "success",
+     "prefix": {"n_virtual": 1}},
+    {"case": "ascending_add1_from_mix", "base": "mix_2l", "task": "ascending_add1", "expected": "success",
+     "prefix": {"n_virtual": 10}},
+]
+"""The studies' cases, with the paper's prefix outcome and the studies' quick prefix length."""
+
+
+def validate(
+    bases_dir: Path, out_file: Path, steps: int = 300, rank: int = 4, prefix_steps: int = 800,
+    cases: list[dict[str, Any]] | None = None, eval_examples: int = 500,
+) -> dict[str, Any]:
+    """Diagnose every case first (no prefix trained yet), then train the prefixes and compare.
+
+    Bases are pretrain run folders `bases_dir/<base>` (see `ctxtune.beyond.suffix.QUICK_BASES`; missing
+    ones are pretrained there).
+    """
+    from ctxtune.beyond.suffix import QUICK_BASES, adapter_config, get_base
+    from ctxtune.train.api import tune
+
+    cases = VALIDATION_CASES if cases is None else cases
+    bases: dict[str, GPT] = {}
+    rows = []
+    for case in cases:  # 1. every diagnosis before any prefix is trained
+        if case["base"] not in bases:
+            bases[case["base"]] = get_base(case["base"], QUICK_BASES[case["base"]], bases_dir)[0]
+        diag = diagnose(bases[case["base"]], case["task"], steps=steps, rank=rank, eval_examples=eval_examples)
+        predicted = "success" if diag.prefix_ok else "failure"
+        rows.append({**{k: case[k] for k in ("case", "base", "task", "expected")}, "diagnosis": diag.to_dict(),
+                     "predicted": predicted, "agrees_with_paper": predicted == case["expected"]})
+    for case, row in zip(cases, rows, strict=True):  # 2. then the prefixes
+        start = time.time()
+        model = copy.deepcopy(bases[case["base"]])
+        _, res = tune(model, "prefix", [case["task"]], adapter_config(prefix_steps, 0, eval_examples), case["prefix"])
+        acc = res.accuracy[0]
+        row["prefix"] = {"options": case["prefix"], "steps": prefix_steps, "accuracy": acc,
+                         "seconds": round(time.time() - start, 1)}
+        ours = "success" if acc >= SUCCESS_ACCURACY else "failure"
+        row["agrees_with_our_prefix"] = ours == row["predicted"]
+    result = {
+        "kind": "diagnose_validation",
+        "thresholds": {"change_min": CHANGE_MIN, "tv_min": TV_MIN, "unexplained_min": UNEXPLAINED_MIN,
+                       "success_accuracy": SUCCESS_ACCURACY},
+        "cases": rows,
+        "agreement_paper": f"{sum(r['agrees_with_paper'] for r in rows)}/{len(rows)}",
+        "agreement_ours": f"{sum(r['agrees_with_our_prefix'] for r in rows)}/{len(rows)}",
+    }
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_file, result)
+    return result
+
+
+def summarize(result: dict[str, Any]) -> str:
+    """Markdown agreement table of a `validate` result."""
+    lines = ["| case | paper's prefix | diagnosis (flagged heads) | LoRA acc. | diagnose cost | our prefix acc. | "
+             "prefix cost |", "|---|---|---|---|---|---|---|"]
+    for r in result["cases"]:
+        d = r["diagnosis"]
+        flagged = ", ".join(d["flagged"]) or "none"
+        lines.append(
+            f"| {r['case']} | {r['expected']} | {r['predicted']} ({flagged}) | {100 * d['lora_accuracy']:.1f}% | "
+            f"{d['seconds_fit'] + d['seconds_analysis']:.0f} s | {100 * r['prefix']['accuracy']:.1f}% | "
+            f"{r['prefix']['seconds']:.0f} s |"
+        )
+    lines.append("")
+    lines.append(f"Agreement with the paper's outcomes: {result['agreement_paper']}; with our quick-scale prefixes: "
+                 f"{result['agreement_ours']}.")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training: configuration, the method-agnostic trainer, evaluation, run folders and the high-level API."""
