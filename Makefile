@@ -21,10 +21,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q -p no:cacheprovider
+	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m "slow" -q -p no:cacheprovider
+	$(BIN)/python -m pytest -m "slow" -p no:cacheprovider
 
 reproduce: $(STAMP)
 	$(BIN)/ctxtune reproduce --scale quick --out results/quick

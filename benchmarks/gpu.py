@@ -2,11 +2,12 @@
 
     python benchmarks/gpu.py [--out DIR] [--seconds S] [--quick]
 
-Measures, on one GPU (fp32; whether TF32 matmuls were allowed is recorded as `tf32`), examples/s of: full training (the paper's pretraining), one prefix (P=10), prefix banks
-(K = 1, 8, 32, 128), rank-1 LoRA banks (the paper's Section 6 placement) and the minGPT-style baseline
-loop; plus a large matmul's FLOP/s and the utilisation of full training. Prints one JSON object and
-writes DIR/gpu_results.json. Skips cleanly (exit 0, {"skipped": ...}) without CUDA. Budget: under two
-minutes on an H100/H200 (each contender is timed for about `--seconds` after a warm-up).
+Measures, on one GPU in fp32 (whether TF32 matmuls were allowed is recorded as `tf32`), examples/s
+of: full training (the paper's pretraining), one prefix (P=10), prefix banks (K = 1, 8, 32, 128),
+rank-1 LoRA banks (the paper's Section 6 placement) and the minGPT-style baseline loop; plus a large
+matmul's FLOP/s and the utilisation of full training. Prints one JSON object and writes
+DIR/gpu_results.json. Skips cleanly (exit 0, {"skipped": ...}) without CUDA. Budget: under two minutes
+on an H100/H200 (each contender is timed for about `--seconds` after a warm-up).
 
 Note: our Trainer draws its task batches on the CPU each step (the tasks' generators are CPU torch code)
 and the trainer moves nothing to the GPU itself, so this script wraps the task to move each batch to

@@ -128,6 +128,8 @@ def bench_throughput(quick: bool) -> dict[str, Any]:
     """examples/s of the same training work: ours vs the minGPT-style loop."""
     rounds, chunk = (1, 0.02) if quick else (5, 0.6)
     bank_k = 4 if quick else 32
+    batch = 8 if quick else BATCH
+    pool = 256 if quick else 8192
     rows = []
     ratios: dict[str, float] = {}
     configs = [("small", SMALL)] if quick else [("small", SMALL), ("large", LARGE)]
@@ -135,14 +137,14 @@ def bench_throughput(quick: bool) -> dict[str, Any]:
         large = label == "large"
         k_bank = 8 if large else bank_k
         contenders: dict[str, Step] = {
-            "baseline full": baseline(size, 0, pool=512 if quick else 8192).step,
-            "ours full": ours(size, "full").train_step,
-            "baseline prefix": baseline(size, 1, pool=512 if quick else 8192).step,
-            "ours prefix K=1": ours(size, "prefix", 1, n_virtual=1).train_step,
-            f"ours prefix K={k_bank}": ours(size, "prefix", k_bank, n_virtual=1).train_step,
+            "baseline full": baseline(size, 0, batch, pool).step,
+            "ours full": ours(size, "full", batch=batch).train_step,
+            "baseline prefix": baseline(size, 1, batch, pool).step,
+            "ours prefix K=1": ours(size, "prefix", 1, batch, n_virtual=1).train_step,
+            f"ours prefix K={k_bank}": ours(size, "prefix", k_bank, batch, n_virtual=1).train_step,
         }
         t = alternate(contenders, rounds if not large else max(1, rounds - 2), chunk, warmup=1 if quick else 2)
-        examples = {name: BATCH * (k_bank if name.endswith(f"K={k_bank}") else 1) for name in contenders}
+        examples = {name: batch * (k_bank if name.endswith(f"K={k_bank}") else 1) for name in contenders}
         eps = {name: examples[name] / t[name] for name in contenders}
         for name in contenders:
             rows.append({"config": label, "contender": name, "ms_per_step": round(1000 * t[name], 2),
@@ -163,7 +165,7 @@ def bench_throughput(quick: bool) -> dict[str, Any]:
 def bench_banks(quick: bool) -> dict[str, Any]:
     """Aggregate examples/s of K adapters trained together, against K = 1."""
     ks = [1, 4, 8] if quick else [1, 8, 32, 128]
-    batch = 16 if quick else BATCH
+    batch = 8 if quick else BATCH
     rounds, chunk = (1, 0.02) if quick else (3, 0.5)
     rows: list[dict[str, Any]] = []
     ratio_at: dict[str, dict[int, float]] = {}
@@ -211,16 +213,17 @@ def bench_utilisation(quick: bool) -> dict[str, Any]:
     """Training FLOP/s on 4L/4H/d256 (batch 64) as a fraction of a large matmul's FLOP/s."""
     size = SMALL if quick else LARGE
     n, repeats = (256, 3) if quick else (2048, 7)
-    trainer = ours(size, "full")
+    batch = 8 if quick else BATCH
+    trainer = ours(size, "full", batch=batch)
     peak_before = matmul_flops(n, repeats)
     t = alternate({"train": trainer.train_step}, 1 if quick else 5, 0.02 if quick else 1.0, warmup=1)["train"]
     peak = max(peak_before, matmul_flops(n, repeats))
     seq = get_task(TASK).n_input + get_task(TASK).n_output - 1
-    flops = training_flops(trainer.method.model.cfg, BATCH, seq)
+    flops = training_flops(trainer.method.model.cfg, batch, seq)
     return goal(
         "training FLOP/s >= 75% of a large matmul's FLOP/s (4L/4H/d256, batch 64)", 0.75, ">=",
         round(flops / t / peak, 3),
-        f"full training step of our Trainer, {seq} tokens x {BATCH}; FLOPs counted analytically; "
+        f"full training step of our Trainer, {seq} tokens x {batch}; FLOPs counted analytically; "
         f"peak = the better of two {n}x{n} fp32 matmul measurements in the same run",
         train_gflops=round(flops / t / 1e9, 2), matmul_gflops=round(peak / 1e9, 2),
         flops_per_step=flops, ms_per_step=round(1000 * t, 2),
@@ -293,7 +296,7 @@ def bench_peft_prefix(quick: bool) -> dict[str, Any]:
         torch.manual_seed(0)
         return transformers.LlamaForCausalLM(copy.deepcopy(cfg)).eval()
 
-    tiny_batch = 16 if quick else BATCH
+    tiny_batch = 8 if quick else BATCH
     ids = get_task(TASK).make_batch(tiny_batch, torch.Generator().manual_seed(0), "train").tokens
     results = {f"tiny llama (1L/1H/d96, batch {tiny_batch} x 20)": prefix_pair(
         tiny, ids, n_virtual, 1 if quick else 5, 0.02 if quick else 0.5)}

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tests.report.test_report import make_fixture
 
 
@@ -19,7 +18,8 @@ def test_reproduce_bad_only_exits_2_without_output(cli, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--scale", "huge"], "unknown scale"), (["--seeds", "0"], "--seeds"), (["--executor", "slurm"], "unknown executor"),
+    (["--scale", "huge"], "unknown scale"), (["--seeds", "0"], "--seeds"),
+    (["--executor", "slurm"], "unknown executor"),
 ])
 def test_reproduce_bad_flags_exit_2(cli, tmp_path: Path, args: list[str], needle: str) -> None:
     res = cli(["reproduce", *args, "--out", str(tmp_path / "r")])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from ctxtune.errors import ConfigError
 from ctxtune.experiments.reproduce import reproduce
@@ -113,6 +113,12 @@ def test_every_study_runs_for_two_steps(tmp_path: Path) -> None:
     job = next(j for j in json.loads((tmp_path / "plan.json").read_text())["jobs"] if j["kind"] == "adapt")
     again = execute_job(job)
     assert again["cached"] and again["status"] == "ok"
+    # The report is rebuilt from the files alone, also after the folder was moved.
+    from ctxtune.report import build_report
+
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    tmp_path.rename(moved)
+    assert build_report(moved)["doc"]["jobs"]["ok"] == summary["jobs"]["total"]
 
 
 def test_failed_job_is_recorded_and_dependents_skipped(tmp_path: Path) -> None:

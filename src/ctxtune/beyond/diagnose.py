@@ -16,12 +16,19 @@ Procedure (`diagnose`):
    (ii) Relative content attention change: `attention_tv` = mean over queries of the total-variation
    distance 0.5 * sum_j |A^ft_ij - A^base_ij| (a prefix leaves it 0 at this layer input).
    Also `change` = |r^ft - r^base|^2 / |r^base|^2, the size of the head's change.
-4. Verdict. A head "needs a new attention pattern" when
-       change >= CHANGE_MIN (0.05)  and  attention_tv >= TV_MIN (0.10)  and  unexplained >= UNEXPLAINED_MIN (0.5).
+4. Verdict. A head "needs a new attention pattern" when it is in the FIRST layer and
+       change >= CHANGE_MIN (0.05)  and  attention_tv >= TV_MIN (0.25).
+   Why only the first layer: there the adapted and the base run see identical layer inputs, and no
+   context method (prompt, soft prompt, prefix, suffix for the content queries) can move relative content
+   attention at all (paper.md §4). From layer 2 on, a prefix CAN change attention through changed inputs
+   (cross-layer effects, paper.md §5), so a deeper head's TV is not evidence against a prefix; it is
+   reported, not used. `inexpressible` (change >= CHANGE_MIN and unexplained >= UNEXPLAINED_MIN = 0.5)
+   marks heads whose change a single per-layer prefix cannot reproduce on fixed inputs; also reported only.
    If no head qualifies: "a prefix can express this change"; else "these heads need new attention
-   patterns: L.H, ..." (1-based layer and head). The thresholds were chosen on the four validation cases
-   of the reproduce studies (the only labelled cases available); see docs/suffix-vs-prefix.md for the
-   agreement table and the honest caveats (a LoRA is free to change more than needed).
+   patterns: L.H, ..." (1-based layer and head). The thresholds were set AFTER looking at the four
+   validation cases of the reproduce studies (the only labelled cases available), so the agreement is a
+   calibration, not an out-of-sample test; see docs/suffix-vs-prefix.md (a LoRA is also free to change more
+   than needed, and a new pattern needed only in a deeper layer would be missed).
 
 Validation JSON (`results/beyond/diagnose_validation.json`, written by `validate`)::
 
@@ -50,7 +57,7 @@ from ctxtune.model import GPT
 from ctxtune.theory.capture import _gpt_attention
 
 CHANGE_MIN = 0.05
-TV_MIN = 0.10
+TV_MIN = 0.25
 UNEXPLAINED_MIN = 0.5
 SUCCESS_ACCURACY = 0.5
 """A prefix run "succeeds" at or above this exact-match accuracy (the studies' claims use 50%)."""
@@ -67,6 +74,7 @@ class HeadDiagnosis:
     attention_tv: float
     mean_alpha: float
     needs_new_attention: bool
+    inexpressible: bool
 
     @property
     def label(self) -> str:
@@ -173,8 +181,11 @@ def analyse(base: GPT, method: Method, tokens: torch.Tensor, first_row: int = 0)
             unexplained = float((rf - fit).pow(2).sum() / delta) if float(delta) > 0 else 0.0
             change = float(diff.pow(2).sum() / rb.pow(2).sum().clamp_min(1e-30))
             head_tv = float(tv[:, h].mean())
-            flagged = change >= CHANGE_MIN and head_tv >= TV_MIN and unexplained >= UNEXPLAINED_MIN
-            out.append(HeadDiagnosis(layer, h, change, unexplained, head_tv, float(alpha.mean()), flagged))
+            flagged = layer == 0 and change >= CHANGE_MIN and head_tv >= TV_MIN
+            inexpressible = change >= CHANGE_MIN and unexplained >= UNEXPLAINED_MIN
+            out.append(
+                HeadDiagnosis(layer, h, change, unexplained, head_tv, float(alpha.mean()), flagged, inexpressible)
+            )
     return out
 
 
@@ -211,8 +222,16 @@ def diagnose(
     model = base if isinstance(base, GPT) else load_base_model(base)
     frozen = copy.deepcopy(model).eval()
     work = copy.deepcopy(model)
-    cfg = TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), schedule="cosine", min_lr_ratio=0.1,
-                      weight_decay=0.0, seed=seed, eval_examples=eval_examples)
+    cfg = TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup=min(20, steps // 10),
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        seed=seed,
+        eval_examples=eval_examples,
+    )
     t0 = time.time()
     method, res = tune(work, "lora", [task], cfg, {"rank": rank, "alpha": float(rank), "targets": ["q", "k", "v", "o"]})
     fit_s = time.time() - t0
@@ -226,8 +245,16 @@ def diagnose(
         else "these heads need new attention patterns: " + ", ".join(flagged)
     )
     return Diagnosis(
-        task=task, steps=steps, rank=rank, lora_accuracy=res.accuracy[0], lora_loss=res.final_loss[0], heads=heads,
-        flagged=flagged, verdict=verdict, prefix_ok=not flagged, seconds_fit=round(fit_s, 2),
+        task=task,
+        steps=steps,
+        rank=rank,
+        lora_accuracy=res.accuracy[0],
+        lora_loss=res.final_loss[0],
+        heads=heads,
+        flagged=flagged,
+        verdict=verdict,
+        prefix_ok=not flagged,
+        seconds_fit=round(fit_s, 2),
         seconds_analysis=round(time.time() - t1, 2),
         thresholds={"change_min": CHANGE_MIN, "tv_min": TV_MIN, "unexplained_min": UNEXPLAINED_MIN},
     )
@@ -235,11 +262,15 @@ def diagnose(
 
 def table(diag: Diagnosis) -> str:
     """Plain-text per-head table plus the verdict."""
-    lines = [f"task {diag.task}: LoRA rank {diag.rank}, {diag.steps} steps, accuracy {100 * diag.lora_accuracy:.1f}%",
-             f"{'head':>5} {'change':>8} {'unexpl.':>8} {'attn TV':>8} {'alpha':>6}  flag"]
+    lines = [
+        f"task {diag.task}: LoRA rank {diag.rank}, {diag.steps} steps, accuracy {100 * diag.lora_accuracy:.1f}%",
+        f"{'head':>5} {'change':>8} {'unexpl.':>8} {'attn TV':>8} {'alpha':>6}  flag",
+    ]
     for h in diag.heads:
-        lines.append(f"{h.label:>5} {h.change:8.3f} {h.unexplained:8.3f} {h.attention_tv:8.3f} {h.mean_alpha:6.2f}  "
-                     f"{'NEW ATTENTION' if h.needs_new_attention else ''}")
+        lines.append(
+            f"{h.label:>5} {h.change:8.3f} {h.unexplained:8.3f} {h.attention_tv:8.3f} {h.mean_alpha:6.2f}  "
+            f"{'NEW ATTENTION' if h.needs_new_attention else ''}{' (inexpressible)' if h.inexpressible else ''}"
+        )
     lines.append(f"verdict: {diag.verdict}")
     lines.append(f"cost: {diag.seconds_fit + diag.seconds_analysis:.1f} s (fit {diag.seconds_fit:.1f} s)")
     return "\n".join(lines)
@@ -255,15 +286,24 @@ def heatmap(diag: Diagnosis, path: Path) -> None:
     n_layers = max(h.layer for h in diag.heads) + 1
     n_heads = max(h.head for h in diag.heads) + 1
     fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.4 * n_heads * 2, 1.4 + 0.8 * n_layers), squeeze=False)
-    for ax, key, title in ((axes[0, 0], "unexplained", "unexplained by a prefix"),
-                           (axes[0, 1], "attention_tv", "attention change (TV)")):
+    for ax, key, title in (
+        (axes[0, 0], "unexplained", "unexplained by a prefix"),
+        (axes[0, 1], "attention_tv", "attention change (TV)"),
+    ):
         grid = torch.zeros(n_layers, n_heads)
         for h in diag.heads:
             grid[h.layer, h.head] = getattr(h, key)
         im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for h in diag.heads:
-            ax.text(h.head, h.layer, f"{getattr(h, key):.2f}", ha="center", va="center",
-                    color="red" if h.needs_new_attention else "white", fontsize=8)
+            ax.text(
+                h.head,
+                h.layer,
+                f"{getattr(h, key):.2f}",
+                ha="center",
+                va="center",
+                color="red" if h.needs_new_attention else "white",
+                fontsize=8,
+            )
         ax.set_xticks(range(n_heads), [f"H{i + 1}" for i in range(n_heads)])
         ax.set_yticks(range(n_layers), [f"L{i + 1}" for i in range(n_layers)])
         ax.set_title(title, fontsize=9)
@@ -276,21 +316,46 @@ def heatmap(diag: Diagnosis, path: Path) -> None:
 
 
 VALIDATION_CASES: list[dict[str, Any]] = [
-    {"case": "descending_from_ascending", "base": "ascending_1l", "task": "descending", "expected": "failure",
-     "prefix": {"n_virtual": 1}},
-    {"case": "double_hist_from_mix", "base": "mix_2l", "task": "double_hist", "expected": "failure",
-     "prefix": {"n_virtual": 10}},
-    {"case": "elicit_ascending_from_mix", "base": "mix_2l", "task": "ascending", "expected": "success",
-     "prefix": {"n_virtual": 1}},
-    {"case": "ascending_add1_from_mix", "base": "mix_2l", "task": "ascending_add1", "expected": "success",
-     "prefix": {"n_virtual": 10}},
+    {
+        "case": "descending_from_ascending",
+        "base": "ascending_1l",
+        "task": "descending",
+        "expected": "failure",
+        "prefix": {"n_virtual": 1},
+    },
+    {
+        "case": "double_hist_from_mix",
+        "base": "mix_2l",
+        "task": "double_hist",
+        "expected": "failure",
+        "prefix": {"n_virtual": 10},
+    },
+    {
+        "case": "elicit_ascending_from_mix",
+        "base": "mix_2l",
+        "task": "ascending",
+        "expected": "success",
+        "prefix": {"n_virtual": 1},
+    },
+    {
+        "case": "ascending_add1_from_mix",
+        "base": "mix_2l",
+        "task": "ascending_add1",
+        "expected": "success",
+        "prefix": {"n_virtual": 10},
+    },
 ]
 """The studies' cases, with the paper's prefix outcome and the studies' quick prefix length."""
 
 
 def validate(
-    bases_dir: Path, out_file: Path, steps: int = 300, rank: int = 4, prefix_steps: int = 800,
-    cases: list[dict[str, Any]] | None = None, eval_examples: int = 500,
+    bases_dir: Path,
+    out_file: Path,
+    steps: int = 300,
+    rank: int = 4,
+    prefix_steps: int = 800,
+    cases: list[dict[str, Any]] | None = None,
+    eval_examples: int = 500,
 ) -> dict[str, Any]:
     """Diagnose every case first (no prefix trained yet), then train the prefixes and compare.
 
@@ -308,21 +373,35 @@ def validate(
             bases[case["base"]] = get_base(case["base"], QUICK_BASES[case["base"]], bases_dir)[0]
         diag = diagnose(bases[case["base"]], case["task"], steps=steps, rank=rank, eval_examples=eval_examples)
         predicted = "success" if diag.prefix_ok else "failure"
-        rows.append({**{k: case[k] for k in ("case", "base", "task", "expected")}, "diagnosis": diag.to_dict(),
-                     "predicted": predicted, "agrees_with_paper": predicted == case["expected"]})
+        rows.append(
+            {
+                **{k: case[k] for k in ("case", "base", "task", "expected")},
+                "diagnosis": diag.to_dict(),
+                "predicted": predicted,
+                "agrees_with_paper": predicted == case["expected"],
+            }
+        )
     for case, row in zip(cases, rows, strict=True):  # 2. then the prefixes
         start = time.time()
         model = copy.deepcopy(bases[case["base"]])
         _, res = tune(model, "prefix", [case["task"]], adapter_config(prefix_steps, 0, eval_examples), case["prefix"])
         acc = res.accuracy[0]
-        row["prefix"] = {"options": case["prefix"], "steps": prefix_steps, "accuracy": acc,
-                         "seconds": round(time.time() - start, 1)}
+        row["prefix"] = {
+            "options": case["prefix"],
+            "steps": prefix_steps,
+            "accuracy": acc,
+            "seconds": round(time.time() - start, 1),
+        }
         ours = "success" if acc >= SUCCESS_ACCURACY else "failure"
         row["agrees_with_our_prefix"] = ours == row["predicted"]
     result = {
         "kind": "diagnose_validation",
-        "thresholds": {"change_min": CHANGE_MIN, "tv_min": TV_MIN, "unexplained_min": UNEXPLAINED_MIN,
-                       "success_accuracy": SUCCESS_ACCURACY},
+        "thresholds": {
+            "change_min": CHANGE_MIN,
+            "tv_min": TV_MIN,
+            "unexplained_min": UNEXPLAINED_MIN,
+            "success_accuracy": SUCCESS_ACCURACY,
+        },
         "cases": rows,
         "agreement_paper": f"{sum(r['agrees_with_paper'] for r in rows)}/{len(rows)}",
         "agreement_ours": f"{sum(r['agrees_with_our_prefix'] for r in rows)}/{len(rows)}",
@@ -334,8 +413,11 @@ def validate(
 
 def summarize(result: dict[str, Any]) -> str:
     """Markdown agreement table of a `validate` result."""
-    lines = ["| case | paper's prefix | diagnosis (flagged heads) | LoRA acc. | diagnose cost | our prefix acc. | "
-             "prefix cost |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | paper's prefix | diagnosis (flagged heads) | LoRA acc. | diagnose cost | our prefix acc. | "
+        "prefix cost |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["cases"]:
         d = r["diagnosis"]
         flagged = ", ".join(d["flagged"]) or "none"
@@ -345,6 +427,8 @@ def summarize(result: dict[str, Any]) -> str:
             f"{r['prefix']['seconds']:.0f} s |"
         )
     lines.append("")
-    lines.append(f"Agreement with the paper's outcomes: {result['agreement_paper']}; with our quick-scale prefixes: "
-                 f"{result['agreement_ours']}.")
+    lines.append(
+        f"Agreement with the paper's outcomes: {result['agreement_paper']}; with our quick-scale prefixes: "
+        f"{result['agreement_ours']}."
+    )
     return "\n".join(lines)

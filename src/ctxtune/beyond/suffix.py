@@ -105,9 +105,7 @@ def capture_suffix(method: Method, tokens: torch.Tensor, n_prompt: int) -> list[
     content_idx = torch.cat([torch.arange(n_prompt, device=device), torch.arange(n_prompt + n_virtual, seq)])
     names = [f"blocks.{layer}.{h}" for layer in range(model.cfg.n_layers) for h in _HOOKS]
     with method.active(None):
-        _, cache = model.run_with_cache(
-            None, embeds=prep.embeds, position_ids=prep.position_ids, names_filter=names
-        )
+        _, cache = model.run_with_cache(None, embeds=prep.embeds, position_ids=prep.position_ids, names_filter=names)
     content_pos = prep.position_ids[:, content_idx]  # [batch, pos]
     out = []
     for layer, block in enumerate(model.blocks):
@@ -241,8 +239,16 @@ def pretrain_config(steps: int, seed: int = 0, eval_examples: int = 500) -> Any:
     from ctxtune.train.config import TrainConfig
 
     return TrainConfig(
-        steps=steps, lr=3e-3, warmup=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
-        decay_matrices_only=True, train_mode=True, seed=seed, eval_examples=eval_examples,
+        steps=steps,
+        lr=3e-3,
+        warmup=100,
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        decay_matrices_only=True,
+        train_mode=True,
+        seed=seed,
+        eval_examples=eval_examples,
     )
 
 
@@ -251,8 +257,14 @@ def adapter_config(steps: int, seed: int = 0, eval_examples: int = 500, lr: floa
     from ctxtune.train.config import TrainConfig
 
     return TrainConfig(
-        steps=steps, lr=lr, warmup=50, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
-        seed=seed, eval_examples=eval_examples,
+        steps=steps,
+        lr=lr,
+        warmup=50,
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        seed=seed,
+        eval_examples=eval_examples,
     )
 
 
@@ -295,8 +307,13 @@ def run_study(
     t0 = time.time()
     cases = QUICK_CASES if cases is None else cases
     bases = QUICK_BASES if bases is None else bases
-    result: dict[str, Any] = {"kind": "suffix_vs_prefix", "scale": "quick", "bases": {}, "decomposition": [],
-                              "learning": []}
+    result: dict[str, Any] = {
+        "kind": "suffix_vs_prefix",
+        "scale": "quick",
+        "bases": {},
+        "decomposition": [],
+        "learning": [],
+    }
     loaded: dict[str, GPT] = {}
     for case in cases:
         name = case["base"]
@@ -316,11 +333,21 @@ def run_study(
             model = copy.deepcopy(base)
             start = time.time()
             method, res = tune(model, key, [case["task"]] * seeds, adapter_config(steps, 0, eval_examples), options)
-            result["learning"].append({
-                "case": case["case"], "base": name, "task": case["task"], "method": key, "options": options,
-                "trainable": method.num_trainable() // seeds, "steps": steps, "seeds": seeds,
-                "accuracy": res.accuracy, "final_loss": res.final_loss, "seconds": round(time.time() - start, 1),
-            })
+            result["learning"].append(
+                {
+                    "case": case["case"],
+                    "base": name,
+                    "task": case["task"],
+                    "method": key,
+                    "options": options,
+                    "trainable": method.num_trainable() // seeds,
+                    "steps": steps,
+                    "seeds": seeds,
+                    "accuracy": res.accuracy,
+                    "final_loss": res.final_loss,
+                    "seconds": round(time.time() - start, 1),
+                }
+            )
             method.double()
             model.double().eval()
             tokens = batch.tokens
@@ -345,15 +372,22 @@ def _first_adapter(method: Method) -> Method:
 
 def summarize(result: dict[str, Any]) -> str:
     """Markdown tables of a `run_study` result."""
-    lines = ["| case | method | layer | attention err | output err | fixed-bias unexplained | "
-             "key dep. | value dep. | mean alpha |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | method | layer | attention err | output err | fixed-bias unexplained | "
+        "key dep. | value dep. | mean alpha |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["decomposition"]:
         lines.append(
             f"| {r['case']} | {r['method']} | {r['layer'] + 1} | {r['attention_err']:.1e} | {r['output_err']:.1e} | "
             f"{r['fixed_bias_unexplained']:.3g} | {r['key_dependence']:.3g} | {r['value_dependence']:.3g} | "
             f"{r['mean_alpha']:.3f} |"
         )
-    lines += ["", "| case | task | method | trainable | steps | accuracy per seed | mean |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| case | task | method | trainable | steps | accuracy per seed | mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["learning"]:
         accs = ", ".join(f"{100 * a:.1f}%" for a in r["accuracy"])
         mean = 100 * sum(r["accuracy"]) / len(r["accuracy"])

@@ -73,7 +73,15 @@ P_VALUES = (1, 2, 4, 8, 16, 32, 64)
 def fixed_head() -> GPT:
     """The hand-set single-head model (float64, eval mode, no trainable parameter)."""
     cfg = ModelConfig(
-        n_layers=1, n_heads=1, d_model=D, n_ctx=4, d_vocab=2, norm="none", residual=False, mlp=False, pos="none",
+        n_layers=1,
+        n_heads=1,
+        d_model=D,
+        n_ctx=4,
+        d_vocab=2,
+        norm="none",
+        residual=False,
+        mlp=False,
+        pos="none",
         bias=True,
     )
     model = GPT(cfg).double().eval()
@@ -99,8 +107,9 @@ def embed(theta: torch.Tensor) -> torch.Tensor:
     return e
 
 
-def kernel_prefix(f: Callable[[torch.Tensor], torch.Tensor], n_prefix: int, c: float = 2.5,
-                  kappa: float | None = None) -> torch.Tensor:
+def kernel_prefix(
+    f: Callable[[torch.Tensor], torch.Tensor], n_prefix: int, c: float = 2.5, kappa: float | None = None
+) -> torch.Tensor:
     """The kernel-smoother prefix: [1, P, D] hidden states (see the module docstring).
 
     Args:
@@ -127,8 +136,14 @@ def head_output(model: GPT, prefix: torch.Tensor, theta: torch.Tensor) -> torch.
     return hidden[:, 0, 3]
 
 
-def fit_prefix(model: GPT, f: Callable[[torch.Tensor], torch.Tensor], n_prefix: int, steps: int = 300,
-               lr: float = 0.02, c: float = 2.5) -> torch.Tensor:
+def fit_prefix(
+    model: GPT,
+    f: Callable[[torch.Tensor], torch.Tensor],
+    n_prefix: int,
+    steps: int = 300,
+    lr: float = 0.02,
+    c: float = 2.5,
+) -> torch.Tensor:
     """Prefix-tuning: start at the kernel prefix and minimise the mean squared error on 512 angles by Adam.
 
     The key coordinates (u1, u2; scaled by the initial norm rho so that one learning rate fits both) and the
@@ -151,15 +166,16 @@ def fit_prefix(model: GPT, f: Callable[[torch.Tensor], torch.Tensor], n_prefix: 
         opt.zero_grad()
         current = assemble()
         loss = ((head_output(model, current, theta) - target) ** 2).mean()
-        if float(loss) < best_loss:  # keep the best prefix seen (Adam can overshoot at large rho)
-            best, best_loss = current.detach().clone(), float(loss)
+        if float(loss.detach()) < best_loss:  # keep the best prefix seen (Adam can overshoot at large rho)
+            best, best_loss = current.detach().clone(), float(loss.detach())
         loss.backward()
         opt.step()
     return best
 
 
-def errors(model: GPT, prefix: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor],
-           n_grid: int = 4096) -> tuple[float, float]:
+def errors(
+    model: GPT, prefix: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor], n_grid: int = 4096
+) -> tuple[float, float]:
     """(sup, L2) error on a uniform grid of the circle (offset by half a step, so no grid point sits on a
     jump of the step target); L2 is the root mean square, i.e. the normalised L2 norm."""
     theta = -math.pi + 2 * math.pi * (torch.arange(n_grid, dtype=torch.float64) + 0.5) / n_grid
@@ -194,8 +210,15 @@ def approximation_study(
     if not ps or any(p < 1 for p in ps):
         raise ConfigError(f"prefix lengths must be positive integers, got {list(ps)}")
     model = fixed_head()
-    out: dict[str, Any] = {"kind": "universal", "targets": targets, "P": list(ps), "mode": mode, "c": c,
-                           "errors": {}, "slopes": {}}
+    out: dict[str, Any] = {
+        "kind": "universal",
+        "targets": targets,
+        "P": list(ps),
+        "mode": mode,
+        "c": c,
+        "errors": {},
+        "slopes": {},
+    }
     for name in targets:
         f = TARGETS[name]
         sups, l2s = [], []
@@ -209,8 +232,12 @@ def approximation_study(
             out["slopes"][name] = {"sup": slope(list(ps), sups), "l2": slope(list(ps), l2s)}
     ref = targets[0]
     fixed = [errors(model, kernel_prefix(TARGETS[ref], p, kappa=fixed_kappa), TARGETS[ref]) for p in ps]
-    out["fixed_kappa"] = {"kappa": fixed_kappa, "target": ref, "sup": [e[0] for e in fixed],
-                          "l2": [e[1] for e in fixed]}
+    out["fixed_kappa"] = {
+        "kappa": fixed_kappa,
+        "target": ref,
+        "sup": [e[0] for e in fixed],
+        "l2": [e[1] for e in fixed],
+    }
     return out
 
 

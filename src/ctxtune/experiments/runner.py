@@ -284,7 +284,8 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
             names = s["eval_tasks"]
             accs = evaluate(method, [get_task(t) for t in names], n_eval, seed=s["seed"], placeholders=cfg.placeholders,
                             mode=mode, adapters=[k] * len(names))
-            rows.append({"row": s["row"], "seed": s["seed"], "task": s["task"], "acc": dict(zip(names, accs, strict=True))})
+            rows.append({"row": s["row"], "seed": s["seed"], "task": s["task"],
+                         "acc": dict(zip(names, accs, strict=True))})
         if job["method"] == "full":
             model.to("cpu")
             save_model(out, model)

@@ -35,11 +35,12 @@ Rows: a base's row is its name; an adaptation's adapter trained on task T is row
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from ctxtune.errors import ConfigError
 
@@ -167,7 +168,8 @@ def _scale_table(data: Any, where: str, is_base: bool) -> dict[str, ScaleSetting
             if key in table and not isinstance(table[key], dict):
                 raise ConfigError(f"{where}.scale.{scale}.{key} must be a table")
         settings = ScaleSettings(
-            model=dict(table.get("model", {})), train=dict(table.get("train", {})), options=dict(table.get("options", {}))
+            model=dict(table.get("model", {})), train=dict(table.get("train", {})),
+            options=dict(table.get("options", {})),
         )
         _validate_settings(settings, f"{where}.scale.{scale}", is_base)
         out[scale] = settings
@@ -245,7 +247,9 @@ def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = 
         if stack and bases[a["base"]].per_seed:
             raise ConfigError(f"{w}: stack_seeds needs a base shared by all seeds (per_seed = false)")
         if (len(tasks) > 1 or stack) and not cls.supports_bank:
-            raise ConfigError(f"{w}: method {a['method']!r} has no adapter banks; give one task and stack_seeds = false")
+            raise ConfigError(
+                f"{w}: method {a['method']!r} has no adapter banks; give one task and stack_seeds = false"
+            )
         scales = _scale_table(a["scale"], w, is_base=False)
         for scale, s in scales.items():
             try:
@@ -262,7 +266,8 @@ def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = 
     if not isinstance(paper, dict) or not all(isinstance(v, (int, float)) for v in paper.values()):
         raise ConfigError(f"{where}: [paper] must map cells to numbers")
     spec = StudySpec(
-        name=name, title=str(data["title"]), paper_ref=str(data.get("paper_ref", "")), summary=str(data.get("summary", "")),
+        name=name, title=str(data["title"]), paper_ref=str(data.get("paper_ref", "")),
+        summary=str(data.get("summary", "")),
         bases=bases, adaptations=adaptations, paper={k: float(v) for k, v in paper.items()},
         claims=_claims(data.get("claims", []), where), notes={str(k): str(v) for k, v in data.get("notes", {}).items()},
         path=where,

@@ -123,7 +123,7 @@ class Method(nn.Module, ABC):
             return None
         if adapter_ids.shape != (batch,):
             raise ValueError(f"adapter_ids must have shape [{batch}], got {list(adapter_ids.shape)}")
-        if int(adapter_ids.min()) < 0 or int(adapter_ids.max()) >= self.n_adapters:
+        if adapter_ids.is_cpu and (int(adapter_ids.min()) < 0 or int(adapter_ids.max()) >= self.n_adapters):
             raise ValueError(f"adapter id out of range for a bank of {self.n_adapters}")
         return adapter_ids
 

@@ -292,7 +292,8 @@ class GPT(HookedModule):
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [batch, pos, d_model]; validates ids."""
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+        # Validated on CPU only: on an accelerator the read-back would sync every step (CUDA asserts anyway).
+        if tokens.is_cpu and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
             raise CtxtuneError(
                 f"token id out of range: ids must be in [0, {self.cfg.d_vocab - 1}], "
                 f"got min {int(tokens.min())}, max {int(tokens.max())}"
@@ -326,7 +327,7 @@ class GPT(HookedModule):
         if position_ids is None:
             offset = cache.n_content if cache is not None else 0
             position_ids = self.default_position_ids(batch, pos, offset, x.device)
-        if int(position_ids.max()) >= self.cfg.n_ctx and self.cfg.pos == "learned":
+        if self.cfg.pos == "learned" and position_ids.is_cpu and int(position_ids.max()) >= self.cfg.n_ctx:
             raise CtxtuneError(
                 f"sequence too long: position {int(position_ids.max())} but the model has n_ctx={self.cfg.n_ctx}"
             )

@@ -80,10 +80,22 @@ def _rel(path: str, root: Path) -> str:
         return path
 
 
-def _job_result(job: dict[str, Any], root: Path) -> dict[str, Any]:
+def run_folder(job: dict[str, Any], root: Path) -> Path:
+    """A job's run folder; found under DIR/runs/ also when the results folder was moved or copied."""
     out = Path(job["out_dir"])
     if not out.is_absolute():
-        out = root / out
+        return root / out
+    if out.is_dir():
+        return out
+    parts = out.parts
+    if "runs" in parts:
+        i = len(parts) - 1 - parts[::-1].index("runs")
+        return root.joinpath(*parts[i:])
+    return out
+
+
+def _job_result(job: dict[str, Any], root: Path) -> dict[str, Any]:
+    out = run_folder(job, root)
     summary = _read_json(out / "summary.json")
     if isinstance(summary, dict) and isinstance(summary.get("result"), dict):
         return summary["result"]
@@ -94,10 +106,7 @@ def _job_result(job: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def _curve(job: dict[str, Any], root: Path, labels: list[str]) -> dict[str, Any] | None:
-    out = Path(job["out_dir"])
-    if not out.is_absolute():
-        out = root / out
-    path = out / "metrics.jsonl"
+    path = run_folder(job, root) / "metrics.jsonl"
     if not path.is_file():
         return None
     steps, losses = [], []
@@ -137,7 +146,7 @@ def collect(results_dir: str | Path, wall_seconds: float | None = None) -> dict[
                 continue
             runs.append({
                 "id": job["id"], "kind": job["kind"], "status": res.get("status"), "error": res.get("error"),
-                "out_dir": _rel(job["out_dir"], root), "seconds": res.get("seconds"), "steps": res.get("steps"),
+                "out_dir": _rel(str(run_folder(job, root)), root), "seconds": res.get("seconds"), "steps": res.get("steps"),
                 "trainable_per_adapter": res.get("trainable_per_adapter"), "final_loss": res.get("final_loss"),
                 "method": job.get("method", "full (pretraining)"), "seeds": job.get("seeds", [job.get("seed")]),
             })
@@ -189,11 +198,13 @@ def collect(results_dir: str | Path, wall_seconds: float | None = None) -> dict[
             "cells": cells, "claims": claims, "runs": runs, "curves": curves,
             "seconds": round(sum(r["seconds"] or 0 for r in runs if r["status"] == "ok"), 1),
         }
-    counts = {k: sum(1 for r in results.values() if r.get("status") == k) for k in ("ok", "failed", "skipped", "missing")}
+    statuses = ("ok", "failed", "skipped", "missing")
+    counts = {k: sum(1 for r in results.values() if r.get("status") == k) for k in statuses}
     doc = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": plan["scale"], "seeds": plan["seeds"], "step_factor": plan.get("step_factor", 1.0),
+        "train_override": plan.get("train_override") or {}, "eval_examples_override": plan.get("eval_examples"),
         "executor": plan.get("executor", "local"), "wall_seconds": wall_seconds if wall_seconds is not None
         else plan.get("wall_seconds"),
         "compute_seconds": round(sum(r.get("seconds") or 0 for r in results.values()), 1),

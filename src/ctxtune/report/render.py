@@ -52,6 +52,9 @@ def header_lines(doc: dict[str, Any]) -> list[str]:
         f"- scale: **{doc['scale']}**" + (f", every step count x {factor} (shortened: not the paper's budget)"
                                            if factor != 1.0 else ""),
         f"- seeds: {', '.join(str(s) for s in doc['seeds'])}",
+        *([f"- SMOKE RUN: train settings overridden everywhere ({doc['train_override']}), "
+           f"test examples {doc.get('eval_examples_override')}: the numbers mean nothing"]
+          if doc.get("train_override") else []),
         f"- jobs: {doc['jobs']['ok']} ok, {doc['jobs']['failed']} failed, {doc['jobs']['skipped']} skipped, "
         f"{doc['jobs'].get('missing', 0)} missing (of {doc['jobs']['total']})",
         f"- wall time: {wall:.0f} s" if isinstance(wall, (int, float)) else "- wall time: unknown",
@@ -72,7 +75,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
             out.append(f"| {name} | {cl['text']} | **{verdict(cl['holds'])}** |")
     out.append("")
     for name, st in doc["studies"].items():
-        out += [f"## {st['title']} (`{name}`)", "", st["summary"].replace("\n", " "), "", f"Source: {st['paper_ref']}", ""]
+        out += [f"## {st['title']} (`{name}`)", "", st["summary"].replace("\n", " "), "",
+                f"Source: {st['paper_ref']}", ""]
         note = st["notes"].get(doc["scale"])
         if note:
             out += [f"Scale note: {note}", ""]
@@ -80,12 +84,14 @@ def to_markdown(doc: dict[str, Any]) -> str:
         for cl in st["claims"]:
             out.append(f"- **{verdict(cl['holds'])}**: {cl['text']}")
             out += [f"  - {line}" for line in claim_lines(cl)]
-        out += ["", "### Ours vs the paper", "", "| row (adapter) | evaluated on | method | ours (mean ± std over seeds) | paper |",
+        out += ["", "### Ours vs the paper", "",
+                "| row (adapter) | evaluated on | method | ours (mean ± std over seeds) | paper |",
                 "|---|---|---|---|---|"]
         for c in st["cells"]:
             method = c["method"] + (" (extension)" if c["extension"] else "")
             out.append(f"| {c['row']} | {c['task']} | {method} | {ours(c)} | {pct(c['paper'])} |")
-        out += ["", "### Runs", "", "| run | status | method | trainable / adapter | steps | seconds |", "|---|---|---|---|---|---|"]
+        out += ["", "### Runs", "", "| run | status | method | trainable / adapter | steps | seconds |",
+                "|---|---|---|---|---|---|"]
         for r in st["runs"]:
             status = r["status"] + (f": {r['error']}" if r.get("error") else "")
             out.append(f"| {r['id']} | {status} | {r['method']} | {r.get('trainable_per_adapter') or '-'} | "
@@ -138,24 +144,28 @@ def curves_plot(st: dict[str, Any]) -> str | None:
 
     if not st["curves"]:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4))
+    groups: dict[str, list[tuple[list[int], list[float]]]] = {}
     for curve in st["curves"]:
-        groups: dict[str, list[int]] = {}
         for i, label in enumerate(curve["labels"]):
-            groups.setdefault(label.split(" seed ")[0], []).append(i)
-        for label, idx in groups.items():
-            ys = [sum(step[i] for i in idx) / len(idx) for step in curve["loss"]]
-            ax.plot(curve["steps"], ys, label=label if len(groups) > 1 or len(st["curves"]) > 1 else curve["run"], lw=1)
+            key = label.split(" seed ")[0].split(" (pretraining")[0]
+            groups.setdefault(key, []).append((curve["steps"], [step[i] for step in curve["loss"]]))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, series in groups.items():
+        n = min(len(ys) for _, ys in series)
+        steps = series[0][0][:n]
+        mean = [sum(ys[j] for _, ys in series) / len(series) for j in range(n)]
+        ax.plot(steps, mean, label=f"{label} ({len(series)} seed{'s' if len(series) > 1 else ''})", lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over stacked seeds)")
+    ax.set_ylabel("training loss (mean over seeds)")
     ax.legend(fontsize=6, ncol=2)
     ax.set_title("training curves", fontsize=9)
     return _png(fig)
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
 th{background:#f3f3f3}.ok{color:#1a7f37;font-weight:bold}.no{color:#b42318;font-weight:bold}.na{color:#888}
 pre{background:#f6f8fa;padding:.6em;overflow:auto;font-size:12px;max-height:360px}img{max-width:100%}
@@ -173,7 +183,7 @@ def to_html(doc: dict[str, Any]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ctxtune reproduce ({e(doc['scale'])})</title>"
              f"<style>{CSS}</style></head><body>", f"<h1>ctxtune reproduce: {e(doc['scale'])} scale</h1><ul>"]
     for line in header_lines(doc):
-        parts.append(f"<li>{e(line[2:]).replace('**', '')}</li>")
+        parts.append(f"<li>{e(line[2:]).replace('**', '').replace('`', '')}</li>")
     parts.append("</ul><h2>Claims at a glance</h2><table><tr><th>study</th><th>claim</th><th>verdict</th></tr>")
     for name, st in doc["studies"].items():
         for cl in st["claims"]:
