@@ -41,7 +41,7 @@ def beyond_section(results_dir: str | Path) -> str:
             "adds is no longer a mix of fixed vectors. `fixed-bias unexplained` is the fraction of the bias that "
             "no input-independent values explain (0 for any prefix or soft prompt); `key/value dep.` the relative "
             "spread of the virtual keys/values over inputs. Layers are 1-based. Learning at matched parameter "
-            f"budgets (quick scale, small models, {res['learning'][0]['seeds'] if res['learning'] else 0} seeds, "
+            "budgets (quick scale, small models, 1-2 seeds, "
             "minutes on CPU):",
             "",
             suffix.summarize(res),

@@ -11,15 +11,16 @@ token against at most V from one hard token). Two forms:
 * "residual": the derived construction U (paper.md §3.2): causal, one head with uniform attention,
   residual on, margin M; two blocks because the triangular decoder needs a second MLP layer.
 
-Precision range (measured with `ctxtune.constructions.capacity.find_precision_limit`, 64 sampled targets
-per size, sizes doubled until the first failure or the memory cap):
+Precision range (measured with `ctxtune.constructions.capacity.find_precision_limit`: 64 random targets
+plus the all-0 and all-(V-1) targets per size, sizes doubled until the first failure or our time/memory
+cap; every size below the stated one passed too):
 
-* authors, float64: every size tried passes, up to V = 2^20 (N = 4) and N = 1024 (V = 94).
-  float32: largest V = 2048 (fails at 4096; N = 4), because the decoder's logit gap is 1/V^2 against
-  O(1) logits. N = 1024 passes at V = 94.
-* residual (U), float64: passes up to the caps V = 2048 (N = 8) and N = 1024 (V = 94).
-  float32: V = 2048 passes at N = 8; at V = 94 every N up to 1024 passes. The error of w grows like
-  2 eps M N (z_q = u_q - M is multiplied back by q), so the analytic float32 bound is V N < ~5e5.
+* authors, float32: largest V = 2048 at N = 4 (fails at V = 4096: the decoder's logit gap is ~1/V^2
+  against O(1) logits); N = 512 passes at V = 94 (cap).
+  float64: no failure up to the caps V = 2^20 at N = 4 and N = 512 at V = 94.
+* residual (U), float32 and float64: no failure up to the caps V = 1024 at N = 8, N = 256 at V = 94 and
+  (V, N) = (1024, 128). In float32 the error of w grows like 2 eps M N (z_q = u_q - M is multiplied back by
+  q), so the analytic float32 bound is V N below roughly 1e6; the decoder's width 3V (memory) binds first.
 
 A hard first token (the zero embedding in both forms) yields exactly one completion.
 """
