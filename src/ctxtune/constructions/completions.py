@@ -14,6 +14,13 @@ origin; here every pool has the same size as the hard pool and is drawn by a doc
 Greedy decoding is batched and KV-cached (one prefill of the single first position, then one token per
 step through the cache). Each finished batch is appended to a JSON-lines file, so a killed run resumes
 by skipping the batches already there.
+
+Measured on SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32), `--samples 2000 --length 10`,
+seed 0: hard 1,228 / 2,000 unique (61.4%), gaussian 932 / 2,000 (46.6%), dirichlet 819 / 2,000 (41.0%).
+Random virtual tokens give FEWER unique continuations than hard tokens here; the paper's 97.1% soft pool
+was of unknown (possibly optimised) origin. Cost: about 3.2 CPU-seconds per batch of 64 x 10 tokens on
+one thread, so 2,000 per pool (96 batches) is ~5 CPU-minutes and the full vocabulary (3 x 768 batches)
+~2 CPU-hours.
 """
 
 from __future__ import annotations

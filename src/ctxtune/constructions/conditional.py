@@ -11,7 +11,7 @@ is f(u)_k, k = 0..N-1, so N + 1 positions are used.
 
 Precision range (measured with `ctxtune.constructions.capacity.find_precision_limit`: 64 random maps
 plus the all-0 and all-(V-1) maps per size, sizes doubled until our time/memory cap): no failure in
-float32 or float64 up to V = 64 at N = 2 and N = 32 at V = 8. The attention leak is below
+float32 or float64 up to V = 256 at N = 2 and N = 32 at V = 8. The attention leak is below
 (1 + B) N e^-beta < e^-5 / (2V) by the choice of beta, and the remaining rounding is O(eps B) against the
 budget 1/(2V), so float32 holds until V ~ 1e6, far beyond the widths (V N + 3V + N + 4) we can build.
 """

@@ -19,8 +19,9 @@ cap; every size below the stated one passed too):
   against O(1) logits); N = 512 passes at V = 94 (cap).
   float64: no failure up to the caps V = 2^20 at N = 4 and N = 512 at V = 94.
 * residual (U), float32 and float64: no failure up to the caps V = 1024 at N = 8, N = 256 at V = 94 and
-  (V, N) = (1024, 128). In float32 the error of w grows like 2 eps M N (z_q = u_q - M is multiplied back by
-  q), so the analytic float32 bound is V N below roughly 1e6; the decoder's width 3V (memory) binds first.
+  (V, N) = (1024, 128); float32 also passes (V, N) = (2048, 512). The float32 error of w grows like
+  eps M N (z_q = u_q - M is multiplied back by q) against the budget 1/(2V), so V N of order 1e6-1e7 is
+  where float32 should end; the decoder's width 3V (memory) binds first.
 
 A hard first token (the zero embedding in both forms) yields exactly one completion.
 """

@@ -166,40 +166,17 @@ def stored_result(job: dict[str, Any]) -> dict[str, Any] | None:
     return {**result, "cached": True}
 
 
-def place(method: Any, device: str) -> None:
-    """Run `method` (and its model) on `device` without touching trainer or method code.
-
-    Parameters move to the device; inputs that arrive on the CPU (the trainer and the evaluator build
-    batches on the CPU) move in through a forward pre-hook, and outputs go back to the CPU, where the
-    trainer computes the loss (autograd crosses the copy). Greedy generation is wrapped the same way.
-    """
+def place(model: Any, device: str) -> Any:
+    """Move a base model to `device` before a method is attached (methods create their adapters on the
+    base's device; the trainer and the evaluator move each CPU-generated batch to it)."""
     import torch
 
     if device == "cpu":
-        return
+        return model
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    method.model.to(dev)
-    method.to(dev)
-
-    def to_dev(x: Any) -> Any:
-        return x.to(dev) if isinstance(x, torch.Tensor) else x
-
-    def pre(module: Any, args: tuple, kwargs: dict) -> tuple:
-        return tuple(to_dev(a) for a in args), {k: to_dev(v) for k, v in kwargs.items()}
-
-    def post(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-        return output.cpu() if isinstance(output, torch.Tensor) else output
-
-    method.register_forward_pre_hook(pre, with_kwargs=True)
-    method.register_forward_hook(post, with_kwargs=True)
-    generate = method.generate
-
-    def generate_on_device(prompt: Any, n_new: int, adapter_ids: Any = None) -> Any:
-        return generate(to_dev(prompt), n_new, to_dev(adapter_ids)).cpu()
-
-    method.generate = generate_on_device
+    return model.to(dev)
 
 
 def _write_job(out: Path, job: dict[str, Any]) -> None:
@@ -250,10 +227,9 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
         task = get_task(job["task"])
         check_fits(model_cfg, [task], cfg.placeholders)
         torch.manual_seed(cfg.seed)
-        model = GPT(model_cfg)
+        model = place(GPT(model_cfg), device)
         method = make_method("full", model)
         write_run_config(out, "pretrain", model_cfg, {"key": "full", "options": {}, "n_adapters": 1}, cfg, [task.name])
-        place(method, device)
         streams = [Stream(task, data_seed=cfg.seed * 1000, init_seed=cfg.seed * 1000 + 500)]
         result = Trainer(method, streams, cfg, out, quiet=True).run(resume=resume)
         for p in model.parameters():
@@ -268,7 +244,7 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
         save_model(out, model)
         info = {**method.describe(), "trainable_per_adapter": method.num_trainable()}
     elif job["kind"] == "adapt":
-        model = load_base_model(job["base_dir"])
+        model = place(load_base_model(job["base_dir"]), device)
         streams_spec = job["streams"]
         tasks = [get_task(s["task"]) for s in streams_spec]
         method = make_method(job["method"], model, n_adapters=len(tasks), **job["options"])
@@ -276,7 +252,6 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
         check_fits(model.cfg, tasks, cfg.placeholders, extra)
         spec = {"key": job["method"], "options": method.config.to_dict(), "n_adapters": len(tasks)}
         write_run_config(out, "tune", model.cfg, spec, cfg, [t.name for t in tasks], base=job["base_dir"])
-        place(method, device)
         streams = [Stream(t, data_seed=s["seed"] * 1000 + s["k"], init_seed=s["seed"] * 1000 + s["k"] + 500)
                    for t, s in zip(tasks, streams_spec, strict=True)]
         result = Trainer(method, streams, cfg, out, quiet=True).run(resume=resume)
