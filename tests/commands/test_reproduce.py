@@ -19,7 +19,7 @@ def test_reproduce_bad_only_exits_2_without_output(cli, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, needle", [
     (["--scale", "huge"], "unknown scale"), (["--seeds", "0"], "--seeds"),
-    (["--executor", "slurm"], "unknown executor"),
+    (["--executor", "slurm"], "unknown executor"), (["--device", "tpu"], "--device"),
 ])
 def test_reproduce_bad_flags_exit_2(cli, tmp_path: Path, args: list[str], needle: str) -> None:
     res = cli(["reproduce", *args, "--out", str(tmp_path / "r")])

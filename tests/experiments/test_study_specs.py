@@ -132,3 +132,4 @@ def test_failed_job_is_recorded_and_dependents_skipped(tmp_path: Path) -> None:
     assert "needs" in results[jobs[0]["id"]]["error"]
     assert (Path(jobs[0]["out_dir"]) / "error.json").is_file()
     assert {r["status"] for k, r in results.items() if k != jobs[0]["id"]} == {"skipped"}
+    assert all((Path(j["out_dir"]) / "error.json").is_file() for j in jobs)

@@ -66,6 +66,7 @@ def reproduce(
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
     studies = select_studies(only)
+    check_device(device)
     out_dir = Path(out if out is not None else f"results/{scale}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a folder")
@@ -102,6 +103,20 @@ def reproduce(
         "failed": {k: r.get("error") for k, r in results.items() if r.get("status") != "ok"},
         "claims": {f"{name}/{c['id']}": c["holds"] for name, st in doc["studies"].items() for c in st["claims"]},
     }
+
+
+def check_device(device: str) -> None:
+    """Reject a device torch cannot use before any job starts."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown --device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
 
 
 def merge_plan(path: Path, plan: dict[str, Any]) -> dict[str, Any]:

@@ -248,6 +248,7 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
         streams_spec = job["streams"]
         tasks = [get_task(s["task"]) for s in streams_spec]
         method = make_method(job["method"], model, n_adapters=len(tasks), **job["options"])
+        method.to(next(model.parameters()).device)
         extra = method.config.n_virtual if getattr(method.config, "position_policy", "keep") == "shift" else 0
         check_fits(model.cfg, tasks, cfg.placeholders, extra)
         spec = {"key": job["method"], "options": method.config.to_dict(), "n_adapters": len(tasks)}
@@ -296,13 +297,18 @@ def safe_execute_job(job: dict[str, Any]) -> dict[str, Any]:
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         res = {"id": job.get("id"), "kind": job.get("kind"), "status": "failed", "error": message,
                "out_dir": job.get("out_dir"), "seconds": round(time.perf_counter() - start, 3)}
-        try:
-            from ctxtune.io import atomic_write_json
-
-            atomic_write_json(Path(job["out_dir"]) / "error.json", {**res, "traceback": traceback.format_exc()})
-        except Exception:  # noqa: BLE001
-            pass
+        _record_error(job, res, traceback.format_exc())
         return res
+
+
+def _record_error(job: dict[str, Any], res: dict[str, Any], trace: str | None) -> None:
+    """error.json in the job's run folder (what the report reads for failed and skipped jobs)."""
+    try:
+        from ctxtune.io import atomic_write_json
+
+        atomic_write_json(Path(job["out_dir"]) / "error.json", {**res, "traceback": trace})
+    except Exception:  # noqa: BLE001
+        pass
 
 
 # ----- scheduling ----------------------------------------------------------------------------------
@@ -357,8 +363,10 @@ def run_jobs(
 
     def skipped(job: dict[str, Any]) -> dict[str, Any]:
         bad = [d for d in job.get("depends_on", []) if results.get(d, {}).get("status") != "ok"]
-        return {"id": job["id"], "kind": job["kind"], "status": "skipped", "out_dir": job["out_dir"],
-                "error": f"dependency failed: {', '.join(bad)}"}
+        res = {"id": job["id"], "kind": job["kind"], "status": "skipped", "out_dir": job["out_dir"],
+               "error": f"dependency failed: {', '.join(bad)}", "seconds": 0.0}
+        _record_error(job, res, None)
+        return res
 
     waves(jobs)  # rejects unknown or circular dependencies
     for j in study_order(jobs):
@@ -392,12 +400,9 @@ def outcome_result(job: dict[str, Any], outcome: Any) -> dict[str, Any]:
         return outcome.result
     res = {"id": job["id"], "kind": job["kind"], "status": "failed", "out_dir": job["out_dir"],
            "error": outcome.error or "failed", "seconds": outcome.seconds}
-    try:
-        from ctxtune.io import atomic_write_json
-
-        atomic_write_json(Path(job["out_dir"]) / "error.json", {**res, "traceback": outcome.traceback})
-    except Exception:  # noqa: BLE001
-        pass
+    if "dependency" in str(outcome.error or "") and not outcome.attempts:
+        res["status"] = "skipped"
+    _record_error(job, res, outcome.traceback)
     return res
 
 

@@ -146,7 +146,8 @@ def collect(results_dir: str | Path, wall_seconds: float | None = None) -> dict[
                 continue
             runs.append({
                 "id": job["id"], "kind": job["kind"], "status": res.get("status"), "error": res.get("error"),
-                "out_dir": _rel(str(run_folder(job, root)), root), "seconds": res.get("seconds"), "steps": res.get("steps"),
+                "out_dir": _rel(str(run_folder(job, root)), root), "seconds": res.get("seconds"),
+                "steps": res.get("steps"),
                 "trainable_per_adapter": res.get("trainable_per_adapter"), "final_loss": res.get("final_loss"),
                 "method": job.get("method", "full (pretraining)"), "seeds": job.get("seeds", [job.get("seed")]),
             })
