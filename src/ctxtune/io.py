@@ -21,6 +21,12 @@ from safetensors.torch import save as st_save
 from ctxtune.errors import CheckpointError, CtxtuneError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` atomically (temp file, fsync, rename, fsync folder)."""
     path = Path(path)
@@ -31,6 +37,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     except OSError as exc:
         raise CtxtuneError(f"cannot write to {folder}: {exc.strerror or exc}") from None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

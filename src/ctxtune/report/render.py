@@ -221,9 +221,68 @@ def to_html(doc: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def find_beyond_dir(results_dir: Path) -> Path | None:
+    """The "beyond the paper" results (ctxtune.beyond): DIR/beyond, else a sibling folder named beyond."""
+    for candidate in (results_dir / "beyond", results_dir.parent / "beyond"):
+        if candidate.is_dir() and any(candidate.glob("*.json")):
+            return candidate
+    return None
+
+
+def md_to_html(text: str) -> str:
+    """The small Markdown subset the beyond section uses: headings, tables, bullets, paragraphs, code spans."""
+    e = html.escape
+
+    def inline(line: str) -> str:
+        out = e(line)
+        for mark, tag in (("**", "b"), ("`", "code"), ("_", "i")):
+            pieces = out.split(mark)
+            if len(pieces) % 2 == 1 and len(pieces) > 1:
+                out = "".join(p if i % 2 == 0 else f"<{tag}>{p}</{tag}>" for i, p in enumerate(pieces))
+        return out
+
+    parts: list[str] = []
+    table: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                table.append(cells)
+            continue
+        if table:
+            head, *rows = table
+            parts.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                         + "</table>")
+            table = []
+        if line.startswith("#"):
+            level = min(6, len(line) - len(line.lstrip("#")))
+            parts.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            parts.append(f"<ul><li>{inline(line[2:])}</li></ul>")
+        elif line.strip():
+            parts.append(f"<p>{inline(line)}</p>")
+    return "\n".join(parts)
+
+
 def write_report(doc: dict[str, Any], results_dir: str | Path) -> dict[str, str]:
+    from ctxtune.io import atomic_write_bytes
+
     root = Path(results_dir)
     md, page = root / "report.md", root / "report.html"
-    md.write_text(to_markdown(doc))
-    page.write_text(to_html(doc))
+    markdown, page_html = to_markdown(doc), to_html(doc)
+    beyond = find_beyond_dir(root)
+    if beyond is not None:
+        from ctxtune.beyond.report import beyond_section
+
+        section = beyond_section(beyond)
+        markdown += "\n" + section + "\n"
+        extra = md_to_html(section)
+        plot = beyond / "universal.png"
+        if plot.is_file():
+            img = base64.b64encode(plot.read_bytes()).decode()
+            extra += f"<img alt='universal approximation error against P' src='data:image/png;base64,{img}'>"
+        page_html = page_html.replace("</body></html>", extra + "</body></html>")
+    atomic_write_bytes(md, markdown.encode())
+    atomic_write_bytes(page, page_html.encode())
     return {"results": str(root / "results.json"), "markdown": str(md), "html": str(page)}
