@@ -23,7 +23,13 @@ venv install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
 
-test-slow: $(STAMP)
+RAY_STAMP := $(VENV)/.installed-ray
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[ray]"
+	touch $(RAY_STAMP)
+
+test-slow: $(RAY_STAMP)
 	$(BIN)/python -m pytest -m "slow" -p no:cacheprovider
 
 reproduce: $(STAMP)

@@ -7,6 +7,8 @@ import this module in their workers, so its top-level imports stay light (no tor
 
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import signal
 from pathlib import Path
@@ -157,7 +159,11 @@ def test_get_executor() -> None:
     assert isinstance(get_executor("local"), LocalExecutor)
     assert isinstance(get_executor("process", workers=3), ProcessExecutor)
     assert get_executor("process", workers=3).workers == 3
-    assert isinstance(get_executor("ray", workers=2), RayExecutor)
+    if importlib.util.find_spec("ray") is not None:
+        assert isinstance(get_executor("ray", workers=2), RayExecutor)
+    else:  # the default install has no Ray: the error names the extra to install
+        with pytest.raises(ConfigError, match=r"pip install 'ctxtune\[ray\]'"):
+            get_executor("ray", workers=2)
     with pytest.raises(ConfigError, match="unknown executor 'slurm'; choose one of: local, process, ray"):
         get_executor("slurm")
     with pytest.raises(ConfigError, match="--address"):
