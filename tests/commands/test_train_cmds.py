@@ -157,6 +157,16 @@ BAD = [  # (name, args builder, expected words in the message)
         "unknown train key",
     ),
     (
+        "wrong type in toml",
+        lambda b, t: ["pretrain", "--config", str(t / "types.toml"), "--out", str(t / "o")],
+        "model.n_layers must be int",
+    ),
+    (
+        "wrong train type in toml",
+        lambda b, t: ["pretrain", "--config", str(t / "types2.toml"), "--out", str(t / "o")],
+        "train.lr must be float",
+    ),
+    (
         "table not a table",
         lambda b, t: ["pretrain", "--config", str(t / "table.toml"), "--out", str(t / "o")],
         "must be a table",
@@ -422,6 +432,8 @@ def test_bad_input_gives_one_line_and_exit_2(
     (tmp_path / "model.toml").write_text('task = "add1"\n[model]\nn_layayers = 2\n')
     (tmp_path / "train.toml").write_text('task = "add1"\n[train]\nbatchsize = 2\n')
     (tmp_path / "table.toml").write_text('task = "add1"\ntrain = 3\n')
+    (tmp_path / "types.toml").write_text('task = "add1"\n[model]\nn_layers = "two"\n')
+    (tmp_path / "types2.toml").write_text('task = "add1"\n[train]\nlr = "fast"\n')
     before = sorted(p.name for p in base_run.iterdir())
     res = cli(args(base_run, tmp_path))
     assert res.code == 2, (res.code, res.stderr)

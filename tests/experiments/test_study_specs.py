@@ -44,7 +44,7 @@ def _raw(name: str) -> dict:
         (lambda d: d["adaptations"]["prefix"].update(method="telepathy"), "unknown method 'telepathy'"),
         (lambda d: d["adaptations"]["prefix"].update(tasks=["sorting_backwards"]), "sorting_backwards"),
         (lambda d: d["adaptations"]["prefix"]["scale"]["quick"]["train"].update(stepz=3), "unknown train key"),
-        (lambda d: d["adaptations"]["prefix"]["scale"]["quick"]["options"].update(rank=2), "unknown option"),
+        (lambda d: d["adaptations"]["prefix"]["scale"]["quick"]["options"].update(rank=2), "unknown prefix key"),
         (lambda d: d["bases"]["mix"]["scale"]["quick"]["model"].update(n_layer=2), "unknown model key"),
         (lambda d: d["paper"].update({"nothing/ascending": 0.5}), "names no row"),
         (lambda d: d["claims"][0]["checks"][0].update(op="~"), "op must be one of"),

@@ -200,7 +200,9 @@ def test_suffix_cannot_change_the_input_positions_but_prefix_can() -> None:
         ("lora", {"rank": 100}, "exceeds the width"),
         ("lora", {"targets": ["qq"]}, "unknown LoRA target"),
         ("hard_prompt", {"tokens": [1, 10]}, "token ids"),
-        ("prefix", {"colour": 1}, "unknown option"),
+        ("prefix", {"colour": 1}, "unknown prefix key"),
+    ("prefix", {"n_virtual": "two"}, "prefix.n_virtual must be int"),
+    ("lora", {"rank": 1.5}, "lora.rank must be int"),
         ("nope", {}, "unknown method"),
     ],
 )

@@ -21,12 +21,13 @@ moving the content after them by n_virtual (the authors' and PEFT's convention).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ctxtune.configs import strict_from_dict
 from ctxtune.errors import ConfigError
 from ctxtune.model.gpt import GPT, KVCache, LayerPrefix
 
@@ -42,14 +43,8 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], method: str = "") -> MethodConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            where = f"method {method!r}" if method else cls.__name__
-            raise ConfigError(
-                f"unknown option(s) for {where}: {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
-            )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        """Build from a mapping, rejecting unknown options and wrongly typed values by name."""
+        return strict_from_dict(cls, data, method or cls.__name__)
 
 
 @dataclass(frozen=True)

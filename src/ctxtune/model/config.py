@@ -7,9 +7,10 @@ virtual tokens of a soft prompt, prefix or suffix, and `n_adapters` (K) for an a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ctxtune.configs import strict_from_dict
 from ctxtune.errors import ConfigError
 
 PosScheme = Literal["learned", "rotary", "none"]
@@ -92,9 +93,5 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a mapping, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+        """Build from a mapping, rejecting unknown keys and wrongly typed values by name."""
+        return strict_from_dict(cls, data, "model")

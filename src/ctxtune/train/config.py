@@ -7,9 +7,10 @@ clipping 1.0, batch 64, constant learning rate. Pretraining uses weight decay 0.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from ctxtune.configs import strict_from_dict
 from ctxtune.errors import ConfigError
 
 
@@ -77,12 +78,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown train key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**clean)
+        """Build from a mapping, rejecting unknown keys and wrongly typed values by name."""
+        return strict_from_dict(cls, data, "train")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimiser step `step` (0-based)."""

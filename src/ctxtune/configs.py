@@ -1,0 +1,53 @@
+"""Strict construction of the frozen config dataclasses from user mappings (TOML, JSON, flags).
+
+Unknown keys are rejected by name and every value must have the type of the field's default (an int
+where a float is expected is accepted and converted; lists become tuples), so a wrong value in a config
+file is one clear ConfigError, never a TypeError deep inside validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any, TypeVar
+
+from ctxtune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, default: Any, name: str, what: str) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        expected = "a list" if isinstance(default, tuple) else type(default).__name__
+        raise ConfigError(f"{what}.{name} must be {expected}, got {value!r}")
+    return value
+
+
+def strict_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
+    """Build dataclass `cls` from `data`; `what` names the section in messages (e.g. "model")."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a table of options, got {data!r}")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown {what} key(s): {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+        )
+    clean = {}
+    for name, value in data.items():
+        default = known[name].default
+        clean[name] = _coerce(value, default, name, what) if default is not MISSING else value
+    return cls(**clean)
