@@ -43,9 +43,7 @@ def strict_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(
-            f"unknown {what} key(s): {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
-        )
+        raise ConfigError(f"unknown {what} key(s): {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}")
     clean = {}
     for name, value in data.items():
         default = known[name].default

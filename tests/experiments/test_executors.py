@@ -8,7 +8,6 @@ import this module in their workers, so its top-level imports stay light (no tor
 from __future__ import annotations
 
 import importlib.util
-
 import os
 import signal
 from pathlib import Path
@@ -183,9 +182,7 @@ def test_process_pool_retries_a_killed_worker_a_bounded_number_of_times() -> Non
         {"id": "after", "depends_on": ["dies"]},
     ]
     events: list[Event] = []
-    out = ProcessExecutor(workers=2, max_attempts=2).run(
-        jobs, worker=f"{HERE}:flaky_worker", on_event=events.append
-    )
+    out = ProcessExecutor(workers=2, max_attempts=2).run(jobs, worker=f"{HERE}:flaky_worker", on_event=events.append)
     assert out["dies"].status == "failed" and out["dies"].attempts == 2
     assert out["dies"].error == "worker process died (signal SIGKILL) (2 attempts)"
     assert [e.kind for e in events if e.job["id"] == "dies"] == ["start", "retry", "start", "failed"]
@@ -212,16 +209,12 @@ def check_fault_recovery(executor: Any, reference: list[dict[str, Any]], out: Pa
     marker = out / "killed.marker"
     jobs = tiny_jobs(out, fault=marker)
     events: list[str] = []
-    summary = run_sweep(
-        jobs, out, executor, worker=f"{HERE}:train_worker", on_event=lambda e, c: events.append(e.kind)
-    )
+    summary = run_sweep(jobs, out, executor, worker=f"{HERE}:train_worker", on_event=lambda e, c: events.append(e.kind))
     assert marker.read_text() == "killed at step 2"  # the worker really died after its first checkpoint
     assert events.count("retry") == 1
     assert summary["done"] == 2 and summary["failed"] == 0
     rows = ResultsStore(out / "results.sqlite").runs()
-    assert sorted(r["config_hash"] for r in rows) == sorted(
-        j["config_hash"] for j in jobs
-    )  # none lost, none twice
+    assert sorted(r["config_hash"] for r in rows) == sorted(j["config_hash"] for j in jobs)  # none lost, none twice
     assert {r["job_id"]: r["attempts"] for r in rows} == {jobs[0]["id"]: 2, jobs[1]["id"]: 1}
     assert all(r["status"] == "done" and r["metrics"]["accuracy"] is not None for r in rows)
     assert_same_runs(reference, jobs)  # resumed from step 2: the same tensors as an uninterrupted run
@@ -251,9 +244,7 @@ def ray_instance() -> Any:
 
 
 @pytest.mark.slow
-def test_ray_gives_bit_identical_results(
-    ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path
-) -> None:
+def test_ray_gives_bit_identical_results(ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path) -> None:
     from ctxtune.experiments.sweep import SWEEP_WORKER, run_sweep
 
     jobs = tiny_jobs(tmp_path)
@@ -265,9 +256,7 @@ def test_ray_gives_bit_identical_results(
 
 
 @pytest.mark.slow
-def test_ray_recovers_from_sigkill(
-    ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path
-) -> None:
+def test_ray_recovers_from_sigkill(ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path) -> None:
     check_fault_recovery(RayExecutor(workers=2), reference, tmp_path)
 
 

@@ -170,7 +170,7 @@ def tune_cmd(
 ) -> None:
     """Tune a method on a frozen pretrained model; report test exact-match accuracy.
 
-    Example: ctxtune tune --base runs/asc --method prefix --n-virtual 1 --task descending --steps 500 --lr 2e-2 --out runs/asc-prefix
+    Example: ctxtune tune --base runs/asc --method prefix --n-virtual 1 --task descending --lr 2e-2 --out runs/p
     """
     toml = load_toml(config)
     check_top_level(toml, {"method", "task", "options", "train"}, config)

@@ -72,7 +72,10 @@ def _attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Causal attention with an optional prefix (explicit softmax when recording, else fused). query [b, h, Tq, d]; key/value [b, kvh, Tk, d]."""
+    """Causal attention with an optional prefix: explicit softmax when recording, else fused.
+
+    query [b, h, Tq, d]; key/value [b, kvh, Tk, d].
+    """
     state: _State | None = getattr(module, _STATE, None)
     batch, n_heads, tq, d_head = query.shape
     pre = state.prefix() if state is not None else None

@@ -42,7 +42,9 @@ class HardPrompt(Method):
             raise ConfigError(
                 f"hard prompt token ids must be in [0, {model.cfg.d_vocab - 1}], got {list(config.tokens)}"
             )
-        self.register_buffer("prompt_tokens", ids.expand(n_adapters, -1).clone().to(self.factory["device"]))  # [K, n_tokens]
+        self.register_buffer(
+            "prompt_tokens", ids.expand(n_adapters, -1).clone().to(self.factory["device"])
+        )  # [K, n_tokens]
 
     def set_prompt(self, k: int, tokens: torch.Tensor) -> None:
         """Give adapter k its own prompt (same length as the others)."""

@@ -49,12 +49,17 @@ def header_lines(doc: dict[str, Any]) -> list[str]:
     wall = doc.get("wall_seconds")
     factor = doc.get("step_factor", 1.0)
     lines = [
-        f"- scale: **{doc['scale']}**" + (f", every step count x {factor} (shortened: not the paper's budget)"
-                                           if factor != 1.0 else ""),
+        f"- scale: **{doc['scale']}**"
+        + (f", every step count x {factor} (shortened: not the paper's budget)" if factor != 1.0 else ""),
         f"- seeds: {', '.join(str(s) for s in doc['seeds'])}",
-        *([f"- SMOKE RUN: train settings overridden everywhere ({doc['train_override']}), "
-           f"test examples {doc.get('eval_examples_override')}: the numbers mean nothing"]
-          if doc.get("train_override") else []),
+        *(
+            [
+                f"- SMOKE RUN: train settings overridden everywhere ({doc['train_override']}), "
+                f"test examples {doc.get('eval_examples_override')}: the numbers mean nothing"
+            ]
+            if doc.get("train_override")
+            else []
+        ),
         f"- jobs: {doc['jobs']['ok']} ok, {doc['jobs']['failed']} failed, {doc['jobs']['skipped']} skipped, "
         f"{doc['jobs'].get('missing', 0)} missing (of {doc['jobs']['total']})",
         f"- wall time: {wall:.0f} s" if isinstance(wall, (int, float)) else "- wall time: unknown",
@@ -75,8 +80,14 @@ def to_markdown(doc: dict[str, Any]) -> str:
             out.append(f"| {name} | {cl['text']} | **{verdict(cl['holds'])}** |")
     out.append("")
     for name, st in doc["studies"].items():
-        out += [f"## {st['title']} (`{name}`)", "", st["summary"].replace("\n", " "), "",
-                f"Source: {st['paper_ref']}", ""]
+        out += [
+            f"## {st['title']} (`{name}`)",
+            "",
+            st["summary"].replace("\n", " "),
+            "",
+            f"Source: {st['paper_ref']}",
+            "",
+        ]
         note = st["notes"].get(doc["scale"])
         if note:
             out += [f"Scale note: {note}", ""]
@@ -84,18 +95,29 @@ def to_markdown(doc: dict[str, Any]) -> str:
         for cl in st["claims"]:
             out.append(f"- **{verdict(cl['holds'])}**: {cl['text']}")
             out += [f"  - {line}" for line in claim_lines(cl)]
-        out += ["", "### Ours vs the paper", "",
-                "| row (adapter) | evaluated on | method | ours (mean ± std over seeds) | paper |",
-                "|---|---|---|---|---|"]
+        out += [
+            "",
+            "### Ours vs the paper",
+            "",
+            "| row (adapter) | evaluated on | method | ours (mean ± std over seeds) | paper |",
+            "|---|---|---|---|---|",
+        ]
         for c in st["cells"]:
             method = c["method"] + (" (extension)" if c["extension"] else "")
             out.append(f"| {c['row']} | {c['task']} | {method} | {ours(c)} | {pct(c['paper'])} |")
-        out += ["", "### Runs", "", "| run | status | method | trainable / adapter | steps | seconds |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "### Runs",
+            "",
+            "| run | status | method | trainable / adapter | steps | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in st["runs"]:
             status = r["status"] + (f": {r['error']}" if r.get("error") else "")
-            out.append(f"| {r['id']} | {status} | {r['method']} | {r.get('trainable_per_adapter') or '-'} | "
-                       f"{r.get('steps') or '-'} | {r.get('seconds') or '-'} |")
+            out.append(
+                f"| {r['id']} | {status} | {r['method']} | {r.get('trainable_per_adapter') or '-'} | "
+                f"{r.get('steps') or '-'} | {r.get('seconds') or '-'} |"
+            )
         out += ["", "### Configuration", "", "```json", json.dumps(st["config"], indent=1), "```", ""]
     return "\n".join(out) + "\n"
 
@@ -180,8 +202,11 @@ def to_html(doc: dict[str, Any]) -> str:
         cls = {True: "ok", False: "no", None: "na"}[holds]
         return f'<span class="{cls}">{e(verdict(holds))}</span>'
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ctxtune reproduce ({e(doc['scale'])})</title>"
-             f"<style>{CSS}</style></head><body>", f"<h1>ctxtune reproduce: {e(doc['scale'])} scale</h1><ul>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>ctxtune reproduce ({e(doc['scale'])})</title>"
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>ctxtune reproduce: {e(doc['scale'])} scale</h1><ul>",
+    ]
     for line in header_lines(doc):
         parts.append(f"<li>{e(line[2:]).replace('**', '').replace('`', '')}</li>")
     parts.append("</ul><h2>Claims at a glance</h2><table><tr><th>study</th><th>claim</th><th>verdict</th></tr>")
@@ -190,8 +215,10 @@ def to_html(doc: dict[str, Any]) -> str:
             parts.append(f"<tr><td>{e(name)}</td><td>{e(cl['text'])}</td><td>{v_html(cl['holds'])}</td></tr>")
     parts.append("</table>")
     for name, st in doc["studies"].items():
-        parts.append(f"<h2 id='{e(name)}'>{e(st['title'])} (<code>{e(name)}</code>)</h2><p>{e(st['summary'])}</p>"
-                     f"<p><small>Source: {e(st['paper_ref'])}</small></p>")
+        parts.append(
+            f"<h2 id='{e(name)}'>{e(st['title'])} (<code>{e(name)}</code>)</h2><p>{e(st['summary'])}</p>"
+            f"<p><small>Source: {e(st['paper_ref'])}</small></p>"
+        )
         note = st["notes"].get(doc["scale"])
         if note:
             parts.append(f"<p><b>Scale note.</b> {e(note)}</p>")
@@ -199,23 +226,31 @@ def to_html(doc: dict[str, Any]) -> str:
         for cl in st["claims"]:
             items = "".join(f"<li>{e(line)}</li>" for line in claim_lines(cl))
             parts.append(f"<li>{v_html(cl['holds'])}: {e(cl['text'])}<ul>{items}</ul></li>")
-        parts.append("</ul><h3>Ours vs the paper</h3><table><tr><th>row (adapter)</th><th>evaluated on</th>"
-                     "<th>method</th><th>ours (mean ± std over seeds)</th><th>paper</th></tr>")
+        parts.append(
+            "</ul><h3>Ours vs the paper</h3><table><tr><th>row (adapter)</th><th>evaluated on</th>"
+            "<th>method</th><th>ours (mean ± std over seeds)</th><th>paper</th></tr>"
+        )
         for c in st["cells"]:
             method = e(c["method"]) + (" <span class='ext'>(extension)</span>" if c["extension"] else "")
-            parts.append(f"<tr><td>{e(c['row'])}</td><td>{e(c['task'])}</td><td>{method}</td><td>{e(ours(c))}</td>"
-                         f"<td>{e(pct(c['paper']))}</td></tr>")
+            parts.append(
+                f"<tr><td>{e(c['row'])}</td><td>{e(c['task'])}</td><td>{method}</td><td>{e(ours(c))}</td>"
+                f"<td>{e(pct(c['paper']))}</td></tr>"
+            )
         parts.append("</table>")
         for title, img in (("Accuracy", accuracy_plot(st)), ("Training curves", curves_plot(st))):
             if img:
                 parts.append(f"<h3>{title}</h3><img alt='{e(title)} for {e(name)}' src='data:image/png;base64,{img}'>")
-        parts.append("<h3>Runs</h3><table><tr><th>run</th><th>status</th><th>method</th><th>trainable / adapter</th>"
-                     "<th>steps</th><th>seconds</th></tr>")
+        parts.append(
+            "<h3>Runs</h3><table><tr><th>run</th><th>status</th><th>method</th><th>trainable / adapter</th>"
+            "<th>steps</th><th>seconds</th></tr>"
+        )
         for r in st["runs"]:
             status = r["status"] + (f": {r['error']}" if r.get("error") else "")
-            parts.append(f"<tr><td>{e(r['id'])}</td><td>{e(str(status))}</td><td>{e(str(r['method']))}</td>"
-                         f"<td>{r.get('trainable_per_adapter') or '-'}</td><td>{r.get('steps') or '-'}</td>"
-                         f"<td>{r.get('seconds') or '-'}</td></tr>")
+            parts.append(
+                f"<tr><td>{e(r['id'])}</td><td>{e(str(status))}</td><td>{e(str(r['method']))}</td>"
+                f"<td>{r.get('trainable_per_adapter') or '-'}</td><td>{r.get('steps') or '-'}</td>"
+                f"<td>{r.get('seconds') or '-'}</td></tr>"
+            )
         parts.append(f"</table><h3>Configuration</h3><pre>{e(json.dumps(st['config'], indent=1))}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -251,9 +286,13 @@ def md_to_html(text: str) -> str:
             continue
         if table:
             head, *rows = table
-            parts.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
-                         + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                         + "</table>")
+            parts.append(
+                "<table><tr>"
+                + "".join(f"<th>{inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
             table = []
         if line.startswith("#"):
             level = min(6, len(line) - len(line.lstrip("#")))
