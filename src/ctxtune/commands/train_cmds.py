@@ -34,9 +34,10 @@ TRAIN_FLAGS = dict(
 )
 
 
-def train_config(toml: dict[str, Any], flags: dict[str, Any], defaults: dict[str, Any]) -> TrainConfig:
-    data = {**defaults, **section(toml, "train"), **flags}
-    return TrainConfig.from_dict(data)
+def train_config(toml: dict[str, Any], params: dict[str, Any], defaults: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the TOML [train] table, then the train flags the user gave (from the command's params)."""
+    flags = given(**{name: params[name] for name in TRAIN_FLAGS})
+    return TrainConfig.from_dict({**defaults, **section(toml, "train"), **flags})
 
 
 def out_folder(out: Path, resume: bool) -> Path:
@@ -103,22 +104,7 @@ def pretrain_cmd(
     )
     model_cfg = ModelConfig.from_dict({"n_ctx": 32, **section(toml, "model"), **model_flags})
     defaults = {"weight_decay": 0.1, "decay_matrices_only": True, "train_mode": True}
-    train_cfg = train_config(
-        toml,
-        given(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            schedule=schedule,
-            seed=seed,
-            placeholders=placeholders,
-            eval_examples=eval_examples,
-            checkpoint_every=checkpoint_every,
-        ),
-        defaults,
-    )
+    train_cfg = train_config(toml, locals(), defaults)
     task_name = task or toml.get("task")
     if not task_name:
         raise ConfigError("no task given: pass --task or set task in the config file")
@@ -197,22 +183,7 @@ def tune_cmd(
     if key == "in_context":
         options["tokens"] = list(in_context_tokens(task_objs[0], examples or 2, seed=seed or 0))
     defaults = {"weight_decay": 0.01} if key != "full" else {"weight_decay": 0.1, "decay_matrices_only": True}
-    train_cfg = train_config(
-        toml,
-        given(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            schedule=schedule,
-            seed=seed,
-            placeholders=placeholders,
-            eval_examples=eval_examples,
-            checkpoint_every=checkpoint_every,
-        ),
-        defaults,
-    )
+    train_cfg = train_config(toml, locals(), defaults)
     read_config(base)
     out_folder(out, resume)
     method_obj, result = tune(base, key, task_objs, train_cfg, options, out, resume=resume, quiet=quiet)
