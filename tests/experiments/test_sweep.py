@@ -149,3 +149,16 @@ def test_run_job_is_idempotent(tmp_path: Path) -> None:
     assert (Path(pre["out_dir"]) / "model.safetensors").stat().st_mtime_ns == mtime
     assert first["summary"]["steps"] == 4 and first["kind"] == "pretrain"
     assert run_job(tune)["summary"]["method"] == "prefix"
+
+
+def test_shipped_example_sweep_expands() -> None:
+    """studies/example-sweep.toml (the spec docs/scale-out.md shows) is valid and expands to its grid."""
+    from pathlib import Path
+
+    from ctxtune.experiments.sweep import expand, load_spec
+
+    spec, name = load_spec(Path(__file__).parents[2] / "studies" / "example-sweep.toml")
+    jobs = expand(spec, "/tmp/unused-sweep-dir", name)
+    tunes = [j for j in jobs if j["kind"] == "tune"]
+    assert len([j for j in jobs if j["kind"] == "pretrain"]) == 3  # one base per seed
+    assert len(tunes) == 3 * 2 * (2 + 1)  # seeds x tasks x (prefix n_virtual in {1, 4} + one lora)
