@@ -152,12 +152,12 @@ def test_run_job_is_idempotent(tmp_path: Path) -> None:
 
 
 def test_shipped_example_sweep_expands() -> None:
-    """studies/example-sweep.toml (the spec docs/scale-out.md shows) is valid and expands to its grid."""
+    """examples/sweep.toml (the spec docs/scale-out.md shows) is valid and expands to its grid."""
     from pathlib import Path
 
     from ctxtune.experiments.sweep import expand, load_spec
 
-    spec, name = load_spec(Path(__file__).parents[2] / "studies" / "example-sweep.toml")
+    spec, name = load_spec(Path(__file__).parents[2] / "examples" / "sweep.toml")
     jobs = expand(spec, "/tmp/unused-sweep-dir", name)
     tunes = [j for j in jobs if j["kind"] == "tune"]
     assert len([j for j in jobs if j["kind"] == "pretrain"]) == 3  # one base per seed
