@@ -217,7 +217,7 @@ class Trainer:
             tensors[f"rng/data/{k}"] = g.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
         save_tensors(self.checkpoint_path(), tensors)
-        atomic_write_json(self.out_dir / "checkpoint.json", {"step": self.step, "n_log_lines": len(self.history)})
+        atomic_write_json(self.out_dir / "checkpoint.json", {"step": self.step})
 
     def load_checkpoint(self) -> None:
         assert self.out_dir is not None
