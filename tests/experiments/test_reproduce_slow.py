@@ -1,4 +1,4 @@
-"""Slow: the whole quick scale end to end (about 7-13 minutes on 2 CPU cores), and the HTML in Chromium."""
+"""Slow: the whole quick scale end to end (about 15 minutes on 2 quiet CPU cores), and the HTML in Chromium."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def test_quick_scale_end_to_end(tmp_path: Path) -> None:
     # What the quick scale shows (see the report for the numbers of the claims it does not show).
     assert claims["cannot_learn_new_attention/prefix_fails_full_succeeds"]["holds"]
     assert claims["compose_vs_new/no_new_pattern"]["holds"]
+    assert claims["compose_vs_new/free_kv_composes"]["holds"]  # 62.9-75.4% per seed when measured
     for claim in claims.values():
         assert claim["holds"] is not None
     assert all(c["n"] == 3 for st in doc["studies"].values() for c in st["cells"] if c["row"] != "mix")

@@ -79,7 +79,9 @@ def test_expand_shares_the_mix_base_and_orders_dependencies(tmp_path: Path) -> N
     json.dumps(jobs)  # JSON-serialisable
     bases = [j for j in jobs if j["kind"] == "pretrain"]
     mix = [j for j in bases if j["id"].startswith("base/mix-")]
-    assert len(mix) == 1 and set(mix[0]["studies"]) == {"elicit", "compose_vs_new", "prefix_vs_lora"}
+    # elicit and compose_vs_new share one quick mix base; prefix_vs_lora's is deeper (4 layers), so its own run.
+    assert sorted(sorted(j["studies"]) for j in mix) == [["compose_vs_new", "elicit"], ["prefix_vs_lora"]]
+    mix = [j for j in mix if "elicit" in j["studies"]]
     assert len([j for j in bases if "cannot_learn" in j["id"]]) == 3  # one base per seed
     stacked = next(j for j in jobs if j["id"].startswith("elicit/prefix/"))
     assert len(stacked["streams"]) == 12 and stacked["depends_on"] == [mix[0]["id"]]
