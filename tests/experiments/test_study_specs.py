@@ -135,3 +135,22 @@ def test_failed_job_is_recorded_and_dependents_skipped(tmp_path: Path) -> None:
     assert (Path(jobs[0]["out_dir"]) / "error.json").is_file()
     assert {r["status"] for k, r in results.items() if k != jobs[0]["id"]} == {"skipped"}
     assert all((Path(j["out_dir"]) / "error.json").is_file() for j in jobs)
+
+
+@pytest.mark.parametrize(("study", "matched"), [
+    ("compose_vs_new", ["prefix", "prefix_kv"]),  # tied P = 10 against free P = 5
+    ("prefix_vs_lora", ["prefix", "lora", "prefix_kv"]),  # the paper's equal budget
+])
+def test_methods_compared_at_equal_budget_have_equal_trainable_counts(study: str, matched: list[str]) -> None:
+    from ctxtune.methods import make_method
+    from ctxtune.model import GPT
+    from ctxtune.model.config import ModelConfig
+
+    spec = get_study(study)
+    for scale in spec.scales:
+        counts = {}
+        for name in matched:
+            adapt = spec.adaptations[name]
+            model = GPT(ModelConfig(**spec.bases[adapt.base].scales[scale].model))
+            counts[name] = make_method(adapt.method, model, **adapt.scales[scale].options).num_trainable()
+        assert len(set(counts.values())) == 1, f"{study} at {scale}: {counts}"
