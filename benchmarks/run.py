@@ -6,7 +6,7 @@ Benchmarks (each reports its goal next to the measured ratio, met or not):
 
     throughput         our Trainer vs a minGPT-style single-run loop (benchmarks/baseline_mingpt.py),
                        1L/1H/d96 and 4L/4H/d256: full training, one prefix, and a bank of prefixes
-    peft_prefix        prefix-tuning step time, ours (ctxtune.hf attach) vs Hugging Face PEFT, on a tiny
+    peft_prefix        prefix-tuning step time, ours (prefix_kv on ctxtune.hf.HFBackbone) vs Hugging Face PEFT, tiny
                        random Llama and on SmolLM2-135M (batch 8 x 32 tokens)
     banks              K = 1, 8, 32, 128 prefixes and rank-1 LoRAs trained together: examples/s vs K = 1
     utilisation        training FLOP/s (4L/4H/d256) as a fraction of a large matmul's FLOP/s
@@ -253,18 +253,13 @@ def prefix_pair(make_model: Callable[[], Any], ids: torch.Tensor, n_virtual: int
     eager attention; PEFT's time is the faster of the two)."""
     import peft
 
-    from ctxtune.hf import attach_prefix_kv, hf_layout
+    from ctxtune.hf import HFBackbone
+    from ctxtune.methods import make_method
 
     contenders: dict[str, Step] = {}
-    mine = make_model()
-    for p in mine.parameters():
-        p.requires_grad_(False)
-    lay = hf_layout(mine)
-    shape = (lay.n_layers, lay.n_kv_heads, n_virtual, lay.d_head)
-    key = torch.nn.Parameter(torch.randn(shape) * 0.02)
-    value = torch.nn.Parameter(torch.randn(shape) * 0.02)
-    att = attach_prefix_kv(mine, key, value)
-    contenders["ours"] = hf_step(mine, [key, value], att.forward, ids)
+    mine = HFBackbone(make_model()).eval()
+    method = make_method("prefix_kv", mine, n_virtual=n_virtual, position_policy="shift", init_std=0.02)
+    contenders["ours"] = hf_step(mine, method.trainable_parameters(), method, ids)
     for impl in ("sdpa", "eager"):
         base = make_model()
         base.set_attn_implementation(impl)

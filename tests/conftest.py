@@ -55,3 +55,17 @@ def _run_cli(args: list[str]) -> CliResult:
 def cli() -> Callable[[list[str]], CliResult]:
     """Run `ctxtune ARGS` in-process through the console entry point; returns code, stdout, stderr."""
     return _run_cli
+
+
+def _pretrain_run(out, model_cfg: ModelConfig, task: str = "ascending", **train):  # noqa: ANN001, ANN201
+    """Pretrain a tiny model into the run folder `out` through the one run boundary; returns the RunResult."""
+    from ctxtune.train import RunSpec, StreamSpec, TrainConfig, run
+
+    cfg = TrainConfig(**{"steps": 3, "batch_size": 8, "eval_examples": 16, **train})
+    return run(RunSpec("pretrain", "full", (StreamSpec(task, seed=cfg.seed),), cfg, model=model_cfg), out)
+
+
+@pytest.fixture(scope="session")
+def pretrain_run() -> Callable:
+    """`pretrain_run(out, model_cfg, task="ascending", **train)`: a tiny pretraining run folder (3 steps)."""
+    return _pretrain_run

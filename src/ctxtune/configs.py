@@ -49,3 +49,45 @@ def strict_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
         default = known[name].default
         clean[name] = _coerce(value, default, name, what) if default is not MISSING else value
     return cls(**clean)
+
+
+def check_keys(data: Any, allowed: set[str], where: str, required: set[str] = frozenset()) -> dict[str, Any]:
+    """`data` must be a table whose keys are all in `allowed` and include `required`; returns it.
+
+    The one key validator of every TOML and JSON input (command options, study and sweep specs, run
+    folders read back): an unknown or missing key is one ConfigError naming the key and `where`.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table of options, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    missing = sorted(set(required) - set(data))
+    if missing:
+        raise ConfigError(f"missing key(s) in {where}: {', '.join(missing)}")
+    return data
+
+
+def table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    """The sub-table `name` of `data` (empty when absent); anything else there is a ConfigError."""
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] in {where} must be a table, got {type(value).__name__}")
+    return dict(value)
+
+
+def load_toml(path: Any) -> dict[str, Any]:
+    """Parse a TOML file; a missing, unreadable or malformed file is one ConfigError naming it."""
+    from pathlib import Path
+
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from ctxtune.commands.check import register
-from ctxtune.model import GPT, ModelConfig
-from ctxtune.train.runs import save_model
+from ctxtune.model import ModelConfig
 
 
 def _app() -> typer.Typer:
@@ -32,11 +32,9 @@ def _run(args: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
+def run_dir(tmp_path: Path, pretrain_run: Callable) -> Path:
     cfg = ModelConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=16, d_vocab=10, pos="rotary")
-    torch.manual_seed(0)
-    save_model(tmp_path, GPT(cfg))
-    (tmp_path / "config.json").write_text(json.dumps({"kind": "pretrain", "model": cfg.to_dict()}))
+    pretrain_run(tmp_path, cfg, steps=1)
     return tmp_path
 
 

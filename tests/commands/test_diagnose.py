@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 
 from ctxtune.model import ModelConfig
-from ctxtune.train.api import pretrain
-from ctxtune.train.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base_run(tmp_path_factory: pytest.TempPathFactory, pretrain_run: Callable) -> Path:
     out = tmp_path_factory.mktemp("diag") / "base"
     cfg = ModelConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=24)
-    pretrain(cfg, "ascending", TrainConfig(steps=3, batch_size=8, eval_examples=16), out)
+    pretrain_run(out, cfg)
     return out
 
 

@@ -49,14 +49,19 @@ def test_sweep_runs_and_skips_on_rerun(cli: Callable[[list[str]], Any], tmp_path
     res = cli(["sweep", str(spec), "--out", str(out), "--json", "--quiet"])
     assert res.code == 0, res.stderr
     data = json.loads(res.stdout)
-    assert (data["done"], data["failed"], data["skipped"], data["remaining"]) == (2, 0, 0, 0)
-    assert [r["kind"] for r in data["runs"]] == ["pretrain", "tune"]
-    assert all(Path(r["out_dir"]).parent == (out / "runs").resolve() for r in data["runs"])
-    assert (out / "results.sqlite").is_file() and json.loads((out / "results.json").read_text()) == data
+    assert data["jobs"] == {"total": 2, "ok": 2, "failed": 0, "skipped": 0, "missing": 0} and data["stored"] == 0
+    assert [r["method"] for r in data["runs"]] == ["full (pretraining)", "prefix"]
+    assert all(Path(r["out_dir"]).parent == Path("runs") for r in data["runs"])
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.sqlite").is_file() and results["schema"] == "ctxtune.results/2"
+    assert results["runs"] == data["runs"] and (out / "report.html").is_file()
+    cells = {c["cell"]: c for c in results["studies"]["cli-tiny"]["cells"]}
+    assert set(cells) == {"base/ascending", "prefix(n_virtual=1).descending/descending"}
+    assert cells["base/ascending"]["seeds"] == [0]
 
     res = cli(["sweep", str(spec), "--out", str(out)])
     assert res.code == 0, res.stderr
-    assert "2 done (2 skipped as finished before), 0 failed" in res.stdout
+    assert "2 ok (2 finished before), 0 failed" in res.stdout
 
 
 def test_sweep_errors_are_one_line(cli: Callable[[list[str]], Any], tmp_path: Path) -> None:
@@ -80,3 +85,5 @@ def test_sweep_errors_are_one_line(cli: Callable[[list[str]], Any], tmp_path: Pa
 def test_sweep_help_has_an_example(cli: Callable[[list[str]], Any]) -> None:
     res = cli(["sweep", "--help"])
     assert res.code == 0 and "Example: ctxtune sweep" in res.stdout and "--executor" in res.stdout
+    text = " ".join(res.stdout.replace("│", " ").split())
+    assert "[model], [pretrain], [tune], [grid] and [resources]" in text, text  # rich must not eat [table] names

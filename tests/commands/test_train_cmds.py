@@ -15,18 +15,16 @@ import pytest
 import torch
 
 from ctxtune.model import ModelConfig
-from ctxtune.train.api import pretrain
-from ctxtune.train.config import TrainConfig
 
 SMALL = ["--layers", "1", "--heads", "1", "--d-model", "16", "--n-ctx", "24"]
 FAST = ["--steps", "3", "--batch-size", "8", "--eval-examples", "16", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base_run(tmp_path_factory: pytest.TempPathFactory, pretrain_run: Callable) -> Path:
     out = tmp_path_factory.mktemp("base") / "run"
     cfg = ModelConfig(n_layers=1, n_heads=1, d_model=16, n_ctx=44)
-    pretrain(cfg, "ascending", TrainConfig(steps=3, batch_size=8, eval_examples=16), out)
+    pretrain_run(out, cfg)
     return out
 
 
@@ -94,7 +92,8 @@ def test_options_from_toml(cli: Callable, tmp_path: Path) -> None:
     res = cli(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "r"), "--quiet", "--json"])
     assert res.code == 0, res.stderr
     stored = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert stored["model"]["n_heads"] == 2 and stored["train"]["steps"] == 2 and stored["tasks"] == ["add1"]
+    spec = stored["spec"]
+    assert stored["model"]["n_heads"] == 2 and spec["train"]["steps"] == 2 and spec["streams"][0]["task"] == "add1"
 
 
 @pytest.fixture

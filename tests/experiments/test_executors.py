@@ -41,12 +41,12 @@ def flaky_worker(job: dict[str, Any]) -> dict[str, Any]:
 def train_worker(job: dict[str, Any]) -> dict[str, Any]:
     """The sweep worker, plus a test-only fault: with job["fault"] = a marker path that does not exist
     yet, the process SIGKILLs itself right after its first checkpoint (once: it writes the marker)."""
-    from ctxtune.experiments.sweep import run_job
+    from ctxtune.experiments.jobs import execute
     from ctxtune.train import trainer
 
     fault = job.get("fault")
     if not fault or Path(fault).exists():
-        return run_job(job)
+        return execute(job)
     original = trainer.Trainer.save_checkpoint
 
     def save_then_die(self: Any) -> None:
@@ -56,7 +56,7 @@ def train_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     trainer.Trainer.save_checkpoint = save_then_die
     try:
-        return run_job(job)
+        return execute(job)
     finally:
         trainer.Trainer.save_checkpoint = original
 
@@ -76,13 +76,14 @@ TINY_SPEC = {
 }
 
 
-def tiny_jobs(out: Path, fault: Path | None = None) -> list[dict[str, Any]]:
+def tiny_plan(out: Path, fault: Path | None = None) -> dict[str, Any]:
     from ctxtune.experiments.sweep import expand
 
-    jobs = expand(TINY_SPEC, out)
+    plan = expand(TINY_SPEC, out)
+    jobs = plan["jobs"]
     if fault is not None:
         jobs[0]["fault"] = str(fault)  # the pretraining job dies once after its first checkpoint
-    return jobs
+    return plan
 
 
 def run_artifacts(job: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +94,8 @@ def run_artifacts(job: dict[str, Any]) -> dict[str, Any]:
 
     out = Path(job["out_dir"])
     summary = json.loads((out / "summary.json").read_text())
-    summary.pop("seconds")
+    for key in ("seconds", "train_seconds", "out_dir", "resumed"):
+        summary.pop(key)
     tensors = {}
     for name in ("model.safetensors", "adapter.safetensors"):
         if (out / name).is_file():
@@ -117,13 +119,12 @@ def assert_same_runs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The tiny pretrain + tune, run uninterrupted in this process."""
-    from ctxtune.experiments.sweep import SWEEP_WORKER, run_sweep
+    from ctxtune.experiments.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("local")
-    jobs = tiny_jobs(out)
-    summary = run_sweep(jobs, out, LocalExecutor(), worker=SWEEP_WORKER)
-    assert summary["done"] == 2
-    return jobs
+    plan = tiny_plan(out)
+    assert run_sweep(plan, out, LocalExecutor(threads=1))["doc"]["jobs"]["ok"] == 2
+    return plan["jobs"]
 
 
 # ----- scheduling and failure policy (cheap) ---------------------------------------------------------
@@ -194,12 +195,12 @@ def test_process_pool_retries_a_killed_worker_a_bounded_number_of_times() -> Non
 # ----- same results everywhere; faults ------------------------------------------------------------------
 @pytest.mark.slow  # the SIGKILL test below also compares process-pool results with the local run, bit for bit
 def test_process_pool_gives_bit_identical_results(reference: list[dict[str, Any]], tmp_path: Path) -> None:
-    from ctxtune.experiments.sweep import SWEEP_WORKER, run_sweep
+    from ctxtune.experiments.sweep import run_sweep
 
-    jobs = tiny_jobs(tmp_path)
-    summary = run_sweep(jobs, tmp_path, ProcessExecutor(workers=2), worker=SWEEP_WORKER)
-    assert summary["done"] == 2 and summary["failed"] == 0
-    assert_same_runs(reference, jobs)
+    plan = tiny_plan(tmp_path)
+    doc = run_sweep(plan, tmp_path, ProcessExecutor(workers=2))["doc"]
+    assert doc["jobs"]["ok"] == 2 and doc["jobs"]["failed"] == 0
+    assert_same_runs(reference, plan["jobs"])
 
 
 def check_fault_recovery(executor: Any, reference: list[dict[str, Any]], out: Path) -> None:
@@ -207,16 +208,17 @@ def check_fault_recovery(executor: Any, reference: list[dict[str, Any]], out: Pa
     from ctxtune.experiments.sweep import run_sweep
 
     marker = out / "killed.marker"
-    jobs = tiny_jobs(out, fault=marker)
+    plan = tiny_plan(out, fault=marker)
+    jobs = plan["jobs"]
     events: list[str] = []
-    summary = run_sweep(jobs, out, executor, worker=f"{HERE}:train_worker", on_event=lambda e, c: events.append(e.kind))
+    doc = run_sweep(plan, out, executor, worker=f"{HERE}:train_worker", on_event=lambda e: events.append(e.kind))["doc"]
     assert marker.read_text() == "killed at step 2"  # the worker really died after its first checkpoint
     assert events.count("retry") == 1
-    assert summary["done"] == 2 and summary["failed"] == 0
+    assert doc["jobs"]["ok"] == 2 and doc["jobs"]["failed"] == 0
     rows = ResultsStore(out / "results.sqlite").runs()
     assert sorted(r["config_hash"] for r in rows) == sorted(j["config_hash"] for j in jobs)  # none lost, none twice
     assert {r["job_id"]: r["attempts"] for r in rows} == {jobs[0]["id"]: 2, jobs[1]["id"]: 1}
-    assert all(r["status"] == "done" and r["metrics"]["accuracy"] is not None for r in rows)
+    assert all(r["status"] == "done" and r["metrics"]["rows"][0]["accuracy"] for r in rows)
     assert_same_runs(reference, jobs)  # resumed from step 2: the same tensors as an uninterrupted run
 
 
@@ -245,14 +247,13 @@ def ray_instance() -> Any:
 
 @pytest.mark.slow
 def test_ray_gives_bit_identical_results(ray_instance: Any, reference: list[dict[str, Any]], tmp_path: Path) -> None:
-    from ctxtune.experiments.sweep import SWEEP_WORKER, run_sweep
+    from ctxtune.experiments.sweep import run_sweep
 
-    jobs = tiny_jobs(tmp_path)
-    for job in jobs:
+    plan = tiny_plan(tmp_path)
+    for job in plan["jobs"]:
         job["resources"] = {"num_cpus": 1}
-    summary = run_sweep(jobs, tmp_path, RayExecutor(workers=2), worker=SWEEP_WORKER)
-    assert summary["done"] == 2
-    assert_same_runs(reference, jobs)
+    assert run_sweep(plan, tmp_path, RayExecutor(workers=2))["doc"]["jobs"]["ok"] == 2
+    assert_same_runs(reference, plan["jobs"])
 
 
 @pytest.mark.slow

@@ -9,16 +9,20 @@ import pytest
 import tomllib
 
 from ctxtune.errors import ConfigError
-from ctxtune.experiments.reproduce import reproduce
-from ctxtune.experiments.runner import execute_job, expand, scaled_train, waves
+from ctxtune.experiments.jobs import execute
+from ctxtune.experiments.plan import expand, scaled_train
+from ctxtune.experiments.reproduce import reproduce, select_studies
 from ctxtune.experiments.spec import get_study, list_studies, load_study, parse_study, studies_dir
 
 STUDIES = ["cannot_learn_new_attention", "elicit", "compose_vs_new", "prefix_vs_lora"]
+BEYOND = ["suffix_vs_prefix", "diagnose_validation"]
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_all_four_studies_ship_with_quick_and_paper_scales() -> None:
-    assert list_studies()[:4] == STUDIES
+    assert list_studies() == STUDIES + BEYOND
+    assert [s.name for s in select_studies(None)] == STUDIES
+    assert [s.name for s in select_studies(None, "beyond")] == BEYOND
     for name in STUDIES:
         spec = get_study(name)
         assert {"quick", "paper"} <= set(spec.scales)
@@ -74,18 +78,23 @@ def test_load_study_rejects_name_mismatch_and_bad_toml(tmp_path: Path) -> None:
 
 
 def test_expand_shares_the_mix_base_and_orders_dependencies(tmp_path: Path) -> None:
+    from ctxtune.train import RunSpec
+
     specs = [get_study(n) for n in STUDIES]
     jobs = expand(specs, "quick", 3, tmp_path)
     json.dumps(jobs)  # JSON-serialisable
-    bases = [j for j in jobs if j["kind"] == "pretrain"]
+    assert all(RunSpec.from_dict(j["spec"]) for j in jobs if j["kind"] == "train")  # every job is a valid RunSpec
+    bases = [j for j in jobs if j["kind"] == "train" and j["spec"]["kind"] == "pretrain"]
     mix = [j for j in bases if j["id"].startswith("base/mix-")]
     # elicit and compose_vs_new share one quick mix base; prefix_vs_lora's is deeper (4 layers), so its own run.
-    assert sorted(sorted(j["studies"]) for j in mix) == [["compose_vs_new", "elicit"], ["prefix_vs_lora"]]
-    mix = [j for j in mix if "elicit" in j["studies"]]
+    assert sorted(sorted(j["rows"]) for j in mix) == [["compose_vs_new", "elicit"], ["prefix_vs_lora"]]
+    mix = [j for j in mix if "elicit" in j["rows"]]
     assert len([j for j in bases if "cannot_learn" in j["id"]]) == 3  # one base per seed
     stacked = next(j for j in jobs if j["id"].startswith("elicit/prefix/"))
-    assert len(stacked["streams"]) == 12 and stacked["depends_on"] == [mix[0]["id"]]
-    assert [j["kind"] for j in waves(jobs)[0]] == ["pretrain"] * len(bases)
+    assert len(stacked["spec"]["streams"]) == 12 and stacked["depends_on"] == [mix[0]["id"]]
+    assert stacked["spec"]["base"] == mix[0]["out_dir"]
+    position = {j["id"]: i for i, j in enumerate(jobs)}
+    assert all(position[d] < position[j["id"]] for j in jobs for d in j["depends_on"])  # dependencies first
     # At paper scale the elicit base differs (1 layer, no attention norm): same share id, separate run.
     paper = [j for j in expand(specs, "paper", 1, tmp_path) if j["id"].startswith("base/mix-")]
     assert len(paper) == 2
@@ -112,8 +121,8 @@ def test_every_study_runs_for_two_steps(tmp_path: Path) -> None:
                 assert cell["n"] in (1, 2)
     assert (tmp_path / "report.html").is_file() and (tmp_path / "report.md").is_file()
     # Idempotent: a second run returns the stored results without training again.
-    job = next(j for j in json.loads((tmp_path / "plan.json").read_text())["jobs"] if j["kind"] == "adapt")
-    again = execute_job(job)
+    job = next(j for j in json.loads((tmp_path / "plan.json").read_text())["jobs"] if "adaptation" in j)
+    again = execute(job)
     assert again["cached"] and again["status"] == "ok"
     # The report is rebuilt from the files alone, also after the folder was moved.
     from ctxtune.report import build_report
@@ -124,16 +133,20 @@ def test_every_study_runs_for_two_steps(tmp_path: Path) -> None:
 
 
 def test_failed_job_is_recorded_and_dependents_skipped(tmp_path: Path) -> None:
-    from ctxtune.experiments.runner import run_jobs
+    from ctxtune.experiments.executors import LocalExecutor
+    from ctxtune.experiments.pipeline import run_plan
 
     jobs = expand([get_study("cannot_learn_new_attention")], "quick", 1, tmp_path, train_override={"steps": 2},
                   eval_examples=8)
-    jobs[0]["model"]["n_ctx"] = 4  # too short for the task: the pretraining fails
-    results = run_jobs(jobs)
-    assert results[jobs[0]["id"]]["status"] == "failed"
-    assert "needs" in results[jobs[0]["id"]]["error"]
-    assert (Path(jobs[0]["out_dir"]) / "error.json").is_file()
-    assert {r["status"] for k, r in results.items() if k != jobs[0]["id"]} == {"skipped"}
+    jobs[0]["spec"]["model"]["n_ctx"] = 4  # too short for the task: the pretraining fails
+    plan = {"kind": "reproduce", "scale": "quick", "seeds": [0],
+            "studies": {"cannot_learn_new_attention": {"title": "t", "paper_ref": "", "summary": "", "bases": {},
+                                                       "adaptations": {}, "rows": [], "paper": {}, "claims": []}},
+            "jobs": jobs}
+    doc = run_plan(tmp_path, plan, LocalExecutor(), quiet=True)["doc"]
+    runs = {r["id"]: r for r in doc["runs"]}
+    assert runs[jobs[0]["id"]]["status"] == "failed" and "needs" in runs[jobs[0]["id"]]["error"]
+    assert {r["status"] for k, r in runs.items() if k != jobs[0]["id"]} == {"skipped"}
     assert all((Path(j["out_dir"]) / "error.json").is_file() for j in jobs)
 
 

@@ -11,8 +11,10 @@ import pytest
 
 from ctxtune.errors import ConfigError
 from ctxtune.experiments.executors import LocalExecutor
-from ctxtune.experiments.store import ResultsStore, job_hash
-from ctxtune.experiments.sweep import SWEEP_WORKER, expand, run_job, run_sweep
+from ctxtune.experiments.jobs import execute
+from ctxtune.experiments.store import ResultsStore
+from ctxtune.experiments.sweep import expand, run_sweep
+from ctxtune.train import RunSpec
 
 TINY_TRAIN = {"steps": 4, "batch_size": 8, "eval_examples": 16, "log_every": 1}
 SPEC: dict[str, Any] = {
@@ -30,51 +32,62 @@ SPEC: dict[str, Any] = {
 
 
 def picky_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """The sweep worker, except that every LoRA run fails."""
-    if job.get("method") == "lora":
+    """The job worker, except that every LoRA run fails."""
+    if job["spec"]["method"] == "lora":
         raise RuntimeError("lora is broken today")
-    return run_job(job)
+    return execute(job)
+
+
+def kinds(jobs: list[dict[str, Any]]) -> list[str]:
+    return [j["spec"]["kind"] for j in jobs]
 
 
 def test_expand_grid(tmp_path: Path) -> None:
     spec = copy.deepcopy(SPEC)
     spec["grid"].update(seeds=[0, 1], options={"prefix": {"n_virtual": [1, 2]}})
     spec["resources"] = {"tune": {"num_cpus": 1, "num_gpus": 0.25}}
-    jobs = expand(spec, tmp_path)
-    assert [j["kind"] for j in jobs] == ["pretrain", "tune", "tune", "tune"] * 2
+    plan = expand(spec, tmp_path)
+    jobs = plan["jobs"]
+    assert kinds(jobs) == ["pretrain", "tune", "tune", "tune"] * 2
     assert len({j["id"] for j in jobs}) == len(jobs) == 8
-    pre = {j["seed"]: j for j in jobs if j["kind"] == "pretrain"}
+    pre = {j["seed"]: j for j in jobs if j["spec"]["kind"] == "pretrain"}
     for j in jobs:
-        assert j["config_hash"] == job_hash(
-            {
-                k: v
-                for k, v in j.items()
-                if k in ("kind", "seed", "model", "task", "train", "base", "method", "options", "tasks")
-            }
-        )
+        run_spec = RunSpec.from_dict(j["spec"])
+        base = "run:" + pre[j["seed"]]["config_hash"] if run_spec.kind == "tune" else None
+        assert j["config_hash"] == run_spec.fingerprint(base)  # the base is named by its configuration
         assert Path(j["out_dir"]) == (tmp_path / "runs" / j["config_hash"][:8]).resolve()
-        assert j["train"]["seed"] == j["seed"] and j["study"] == "tiny"
-        if j["kind"] == "tune":
-            assert j["depends_on"] == [pre[j["seed"]]["id"]] and j["base_dir"] == pre[j["seed"]]["out_dir"]
+        assert run_spec.train.seed == j["seed"] and j["study"] == "tiny"
+        if run_spec.kind == "tune":
+            assert j["depends_on"] == [pre[j["seed"]]["id"]] and run_spec.base == pre[j["seed"]]["out_dir"]
             assert j["resources"] == {"num_cpus": 1, "num_gpus": 0.25}
     assert sorted(
-        j["options"].get("n_virtual", 0) for j in jobs if j["seed"] == 0 and j["kind"] == "tune"
+        j["spec"]["options"].get("n_virtual", 0) for j in jobs if j["seed"] == 0 and j["spec"]["kind"] == "tune"
     ) == [0, 1, 2]
     # The hash is the configuration's, not the folder's: another sweep folder gives the same hashes.
-    assert [j["config_hash"] for j in expand(spec, tmp_path / "elsewhere")] == [
+    assert [j["config_hash"] for j in expand(spec, tmp_path / "elsewhere")["jobs"]] == [
         j["config_hash"] for j in jobs
     ]
-    pre_defaults = jobs[0]["train"]
+    pre_defaults = jobs[0]["spec"]["train"]
     assert pre_defaults["weight_decay"] == 0.1 and pre_defaults["train_mode"] is True
+    rows = plan["study"]["rows"]
+    assert rows == ["base", "prefix(n_virtual=1).descending", "prefix(n_virtual=2).descending",
+                    "lora.descending"]
 
 
-def test_tune_an_existing_base(tmp_path: Path) -> None:
+def test_tune_an_existing_base(tmp_path: Path, pretrain_run: Any) -> None:
+    from ctxtune.model import ModelConfig
+
+    pretrain_run(tmp_path / "base", ModelConfig(n_layers=1, n_heads=2, d_model=16, n_ctx=32))
     spec = copy.deepcopy(SPEC)
-    del spec["pretrain"]
+    del spec["pretrain"], spec["model"]
     spec["tune"]["base"] = str(tmp_path / "base")
-    jobs = expand(spec, tmp_path)
-    assert [j["kind"] for j in jobs] == ["tune", "tune"]
-    assert all(j["depends_on"] == [] and j["base"] == str((tmp_path / "base").resolve()) for j in jobs)
+    jobs = expand(spec, tmp_path)["jobs"]
+    assert kinds(jobs) == ["tune", "tune"]
+    assert all(j["depends_on"] == [] and j["spec"]["base"] == str((tmp_path / "base").resolve()) for j in jobs)
+    spec["tune"]["base"] = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="missing"):  # validated before anything is written
+        expand(spec, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize(
@@ -96,6 +109,11 @@ def test_tune_an_existing_base(tmp_path: Path) -> None:
         (lambda s: s["model"].update(d_modl=3), "d_modl"),
         (lambda s: s.pop("pretrain"), "exactly one of"),
         (lambda s: s["pretrain"].pop("task"), "needs a task"),
+        (lambda s: s.update(name="../../escaped"), "no path separators"),
+        (lambda s: s.update(name="a/b"), "no path separators"),
+        (lambda s: s["model"].update(n_ctx=8), "needs 20 positions"),
+        (lambda s: s.update(grid=3), "must be a table"),
+        (lambda s: s["tune"]["train"].update(lr="fast"), "lr"),
     ],
 )
 def test_bad_specs_are_config_errors(edit: Any, message: str, tmp_path: Path) -> None:
@@ -106,49 +124,46 @@ def test_bad_specs_are_config_errors(edit: Any, message: str, tmp_path: Path) ->
 
 
 def test_sweep_records_failures_goes_on_and_skips_finished_runs(tmp_path: Path) -> None:
-    jobs = expand(SPEC, tmp_path)
-    pre, prefix, lora = jobs
-    summary = run_sweep(jobs, tmp_path, LocalExecutor(), worker=f"{__name__}:picky_worker")
-    assert (summary["done"], summary["failed"], summary["skipped"]) == (2, 1, 0)
+    plan = expand(SPEC, tmp_path)
+    pre, prefix, lora = plan["jobs"]
+    res = run_sweep(plan, tmp_path, LocalExecutor(), worker=f"{__name__}:picky_worker")
+    doc = res["doc"]
+    assert (doc["jobs"]["ok"], doc["jobs"]["failed"], doc["jobs"]["skipped"]) == (2, 1, 0)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["runs"] == doc["runs"] and on_disk["schema"] == "ctxtune.results/2"
     by_id = {r["id"]: r for r in on_disk["runs"]}
     assert by_id[lora["id"]]["status"] == "failed"
     assert by_id[lora["id"]]["error"] == "RuntimeError: lora is broken today"
-    assert by_id[prefix["id"]]["status"] == "done" and by_id[prefix["id"]]["method"] == "prefix"
-    assert 0.0 <= by_id[prefix["id"]]["accuracy"] <= 1.0
-    assert by_id[prefix["id"]]["accuracy_by_task"].keys() == {"descending"}
-    assert by_id[pre["id"]]["tasks"] == ["ascending"] and by_id[pre["id"]]["config"]["model"]["d_model"] == 16
+    assert by_id[prefix["id"]]["status"] == "ok" and by_id[prefix["id"]]["method"] == "prefix"
+    cells = {c["cell"]: c for c in on_disk["studies"]["tiny"]["cells"]}
+    assert 0.0 <= cells["prefix(n_virtual=1).descending/descending"]["values"][0] <= 1.0
+    assert "lora(rank=1).descending/descending" not in cells
 
     # Again with the same worker: the finished runs are skipped, the failed one is tried (and fails) again.
     started: list[str] = []
-    again = run_sweep(
-        jobs,
-        tmp_path,
-        LocalExecutor(),
-        worker=f"{__name__}:picky_worker",
-        on_event=lambda e, c: started.append(e.job["id"]) if e.kind == "start" else None,
-    )
-    assert started == [lora["id"]] and (again["skipped"], again["failed"]) == (2, 1)
+    again = run_sweep(plan, tmp_path, LocalExecutor(), worker=f"{__name__}:picky_worker",
+                      on_event=lambda e: started.append(e.job["id"]) if e.kind == "start" else None)
+    assert started == [lora["id"]] and again["stored"] == 2 and again["doc"]["jobs"]["failed"] == 1
 
-    # Fixed worker: only the failed run executes; its base is found in the store as finished.
-    summary = run_sweep(jobs, tmp_path, LocalExecutor(), worker=SWEEP_WORKER)
-    assert (summary["done"], summary["failed"], summary["skipped"]) == (3, 0, 2)
+    # Fixed worker: only the failed run executes; its base is found finished.
+    res = run_sweep(plan, tmp_path, LocalExecutor())
+    assert (res["doc"]["jobs"]["ok"], res["doc"]["jobs"]["failed"], res["stored"]) == (3, 0, 2)
     rows = ResultsStore(tmp_path / "results.sqlite").runs()
     assert len(rows) == 3 and {r["status"] for r in rows} == {"done"}
     assert {r["job_id"]: r["attempts"] for r in rows}[lora["id"]] == 3
 
 
-def test_run_job_is_idempotent(tmp_path: Path) -> None:
+def test_execute_is_idempotent(tmp_path: Path) -> None:
     spec = copy.deepcopy(SPEC)
     spec["grid"].update(methods=["prefix"], options={})
-    pre, tune = expand(spec, tmp_path)
-    first = run_job(pre)
+    pre, tune = expand(spec, tmp_path)["jobs"]
+    first = execute(pre)
     mtime = (Path(pre["out_dir"]) / "model.safetensors").stat().st_mtime_ns
-    assert run_job(pre) == first  # the stored result; nothing is retrained
+    again = execute(pre)
+    assert again["cached"] and {**again, "cached": False} == first  # the stored result; nothing is retrained
     assert (Path(pre["out_dir"]) / "model.safetensors").stat().st_mtime_ns == mtime
-    assert first["summary"]["steps"] == 4 and first["kind"] == "pretrain"
-    assert run_job(tune)["summary"]["method"] == "prefix"
+    assert first["steps"] == 4 and first["kind"] == "pretrain"
+    assert execute(tune)["method"] == "prefix"
 
 
 def test_shipped_example_sweep_expands() -> None:
@@ -158,7 +173,7 @@ def test_shipped_example_sweep_expands() -> None:
     from ctxtune.experiments.sweep import expand, load_spec
 
     spec, name = load_spec(Path(__file__).parents[2] / "examples" / "sweep.toml")
-    jobs = expand(spec, "/tmp/unused-sweep-dir", name)
-    tunes = [j for j in jobs if j["kind"] == "tune"]
-    assert len([j for j in jobs if j["kind"] == "pretrain"]) == 3  # one base per seed
+    jobs = expand(spec, "/tmp/unused-sweep-dir", name)["jobs"]
+    tunes = [j for j in jobs if j["spec"]["kind"] == "tune"]
+    assert len([j for j in jobs if j["spec"]["kind"] == "pretrain"]) == 3  # one base per seed
     assert len(tunes) == 3 * 2 * (2 + 1)  # seeds x tasks x (prefix n_virtual in {1, 4} + one lora)

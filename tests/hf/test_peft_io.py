@@ -1,4 +1,4 @@
-"""PEFT adapters (prefix tuning, prompt tuning) made with peft itself, saved, read back and checked."""
+"""PEFT adapters (prefix tuning, prompt tuning) made with peft itself, saved, read back as ctxtune methods."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ctxtune.errors import CtxtuneError
-from ctxtune.hf import attach_peft, load_peft_adapter
-from ctxtune.theory import check_layers
+from ctxtune.hf import HFBackbone, load_peft_adapter, peft_method
+from ctxtune.theory import capture_method, check_layers
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.hf
@@ -36,16 +36,15 @@ def test_peft_roundtrip(request: pytest.FixtureRequest, name: str, kind: str, tm
         plain = base(input_ids=ids).logits
     adapter = load_peft_adapter(tmp_path)  # type: ignore[arg-type]
     assert adapter.method == ("prefix_kv" if kind == "prefix" else "soft_prompt")
-    model = copy.deepcopy(base)
-    att = attach_peft(model, adapter)
+    method = peft_method(HFBackbone(copy.deepcopy(base)).eval(), adapter)
     with torch.no_grad():
-        ours = att.forward(ids)
+        ours = method(ids)
     assert (ref - plain).abs().max() > 1e-4  # the adapter does something
     assert torch.allclose(ours, ref, atol=1e-5)
-    assert all(r.ok for r in check_layers(att.capture(ids)))
+    assert all(r.ok for r in check_layers(capture_method(method, ids)))
 
 
-def test_peft_errors(tmp_path: object) -> None:
+def test_peft_errors(tmp_path: object, tiny_llama: torch.nn.Module) -> None:
     with pytest.raises(CtxtuneError, match="not a PEFT adapter"):
         load_peft_adapter(tmp_path)  # type: ignore[arg-type]
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')  # type: ignore[operator]

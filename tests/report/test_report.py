@@ -1,9 +1,12 @@
-"""The report builds from run folders alone (a fixture results folder created here, no training)."""
+"""The report builds from job folders alone (a fixture results folder created here, no training), never
+imports torch, and renders Markdown with a real parser (names with underscores stay names)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,20 +15,29 @@ from ctxtune.errors import ConfigError
 from ctxtune.report import build_report
 
 
+def stream(task: str, seed: int, row: str) -> dict:
+    return {"task": task, "seed": seed, "index": 0, "eval_tasks": [task], "row": row}
+
+
+def summary(rows: list[tuple[str, int, str, float]], **extra: object) -> str:
+    return json.dumps({"schema": "ctxtune.run/1", "status": "ok", "seconds": 1.0, "steps": 2,
+                       "rows": [{"row": r, "seed": s, "index": 0, "task": t, "accuracy": {t: a}}
+                                for r, s, t, a in rows], **extra})
+
+
 def make_fixture(root: Path, lora_acc: float = 0.91) -> None:
-    """A results folder as `ctxtune reproduce` leaves it: plan.json and two run folders."""
+    """A results folder as `ctxtune reproduce` leaves it: plan.json and the job folders."""
     base_dir, lora_dir = root / "runs" / "bases" / "mix-s0", root / "runs" / "toy" / "lora-s0-1"
     jobs = [
-        {"id": "base/mix/s0", "kind": "pretrain", "out_dir": str(base_dir), "seed": 0, "studies": ["toy"],
-         "depends_on": []},
-        {"id": "toy/lora/s0-1", "kind": "adapt", "study": "toy", "method": "lora", "out_dir": str(lora_dir),
-         "seeds": [0, 1], "depends_on": ["base/mix/s0"],
-         "streams": [{"task": "double_hist", "seed": s, "k": 0, "row": "lora.double_hist",
-                      "eval_tasks": ["double_hist"]} for s in (0, 1)]},
-        {"id": "toy/prefix/s0", "kind": "adapt", "study": "toy", "method": "prefix", "seeds": [0],
+        {"id": "base/mix/s0", "kind": "train", "out_dir": str(base_dir), "rows": {"toy": "mix"}, "depends_on": [],
+         "spec": {"kind": "pretrain", "method": "full", "streams": [stream("mix", 0, "mix")]}},
+        {"id": "toy/lora/s0-1", "kind": "train", "study": "toy", "adaptation": "lora", "out_dir": str(lora_dir),
+         "depends_on": ["base/mix/s0"],
+         "spec": {"kind": "tune", "method": "lora", "streams": [stream("double_hist", s, "lora.double_hist")
+                                                                for s in (0, 1)]}},
+        {"id": "toy/prefix/s0", "kind": "train", "study": "toy", "adaptation": "prefix",
          "out_dir": str(root / "runs" / "toy" / "prefix-s0"), "depends_on": ["base/mix/s0"],
-         "streams": [{"task": "double_hist", "seed": 0, "k": 0, "row": "prefix.double_hist",
-                      "eval_tasks": ["double_hist"]}]},
+         "spec": {"kind": "tune", "method": "prefix", "streams": [stream("double_hist", 0, "prefix.double_hist")]}},
     ]
     study = {
         "title": "Toy", "paper_ref": "test", "summary": "a toy study", "notes": {"quick": "tiny"},
@@ -39,22 +51,20 @@ def make_fixture(root: Path, lora_acc: float = 0.91) -> None:
             {"cell": "lora.double_hist/double_hist", "op": ">=", "value": 0.8},
             {"cell": "prefix.double_hist/double_hist", "op": "<=", "value": 0.05}]}],
     }
-    plan = {"scale": "quick", "seeds": [0, 1], "step_factor": 1.0, "executor": "local", "jobs": jobs,
-            "studies": {"toy": study}, "environment": {"commit": "abc", "platform": "test", "cpu_count": 2,
-                                                      "torch": "x", "device": "cpu"}}
+    plan = {"kind": "reproduce", "scale": "quick", "seeds": [0, 1], "step_factor": 1.0, "executor": "local",
+            "jobs": jobs, "studies": {"toy": study},
+            "environment": {"commit": "abc", "platform": "test", "cpu_count": 2, "torch": "x", "device": "cpu"}}
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps(plan))
     base_dir.mkdir(parents=True)
-    (base_dir / "summary.json").write_text(json.dumps({"result": {
-        "id": "base/mix/s0", "status": "ok", "seconds": 1.0, "steps": 2,
-        "rows": [{"row": None, "seed": 0, "task": "mix", "acc": {"double_hist": 0.0}}]}}))
+    (base_dir / "summary.json").write_text(summary([("mix", 0, "double_hist", 0.0)]))
     lora_dir.mkdir(parents=True)
-    (lora_dir / "summary.json").write_text(json.dumps({"result": {
-        "id": "toy/lora/s0-1", "status": "ok", "seconds": 2.0, "steps": 2, "trainable_per_adapter": 12288,
-        "rows": [{"row": "lora.double_hist", "seed": s, "task": "double_hist", "acc": {"double_hist": a}}
-                 for s, a in ((0, lora_acc), (1, lora_acc - 0.02))]}}))
-    (lora_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": [1.0 / s, 1.1 / s]}) + "\n"
-                                                    for s in (1, 2)))
+    (lora_dir / "summary.json").write_text(summary(
+        [("lora.double_hist", 0, "double_hist", lora_acc), ("lora.double_hist", 1, "double_hist", lora_acc - 0.02)],
+        trainable_per_adapter=12288))
+    (lora_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": [1.0 / s, 1.1 / s]}) + "\n" for s in (1, 2))
+        + json.dumps({"step": 2, "eval_accuracy": [0.5, 0.4]}) + "\n")
     # The prefix run failed: it has an error.json and no summary.
     (root / "runs" / "toy" / "prefix-s0").mkdir(parents=True)
     (root / "runs" / "toy" / "prefix-s0" / "error.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
@@ -75,26 +85,57 @@ def test_report_from_fixture(tmp_path: Path) -> None:
     assert claim["checks"][0]["holds"] is True and claim["checks"][0]["seeds_holding"] == 2
     assert doc["jobs"] == {"total": 3, "ok": 2, "failed": 1, "skipped": 0, "missing": 0}
     assert any(r["status"] == "failed" and r["error"] == "boom" for r in st["runs"])
+    curve = next(c for c in st["curves"] if c["run"] == "toy/lora/s0-1")
+    assert curve["eval_steps"] == [2] and curve["eval_accuracy"] == [[0.5, 0.4]]
     md = (tmp_path / "report.md").read_text()
-    assert "90.00% ± 1.41 (n=2)" in md and "92.38%" in md and "not measured" in md and "abc" in md
+    assert "90.00% ± 1.41 (n=2: 91.0, 89.0)" in md and "92.38%" in md and "not measured" in md and "abc" in md
+    assert "![Accuracy for toy](plots/toy-accuracy.png)" in md and (tmp_path / "plots" / "toy-accuracy.png").is_file()
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
-    png = page.split("data:image/png;base64,")[1].split("'")[0]
+    png = page.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(png)[:4] == b"\x89PNG"
     assert "http://" not in page and "https://" not in page  # self-contained
-    assert json.loads((tmp_path / "results.json").read_text())["schema"] == "ctxtune.results/1"
+    assert json.loads((tmp_path / "results.json").read_text())["schema"] == "ctxtune.results/2"
 
 
-def test_claim_that_fails_is_said_plainly(tmp_path: Path) -> None:
-    make_fixture(tmp_path, lora_acc=0.30)
-    (tmp_path / "runs" / "toy" / "prefix-s0" / "summary.json").write_text(json.dumps({"result": {
-        "id": "toy/prefix/s0", "status": "ok", "seconds": 1.0,
-        "rows": [{"row": "prefix.double_hist", "seed": 0, "task": "double_hist", "acc": {"double_hist": 0.0}}]}}))
+def test_claim_holds_only_when_every_seed_meets_it(tmp_path: Path) -> None:
+    make_fixture(tmp_path, lora_acc=0.81)  # seeds 81% and 79%: the mean (80%) meets 80%, seed 1 does not
+    (tmp_path / "runs" / "toy" / "prefix-s0" / "summary.json").write_text(
+        summary([("prefix.double_hist", 0, "double_hist", 0.0)]))
     doc = build_report(tmp_path)["doc"]
+    check = doc["studies"]["toy"]["claims"][0]["checks"][0]
+    assert check["holds_on_mean"] is True and check["holds"] is False and check["seeds_holding"] == 1
     assert doc["studies"]["toy"]["claims"][0]["holds"] is False
     assert "does NOT hold" in (tmp_path / "report.md").read_text()
+    assert '<strong class="no">does NOT hold</strong>' in (tmp_path / "report.html").read_text()
+
+
+def test_names_with_underscores_render_as_names(tmp_path: Path) -> None:
+    make_fixture(tmp_path)
+    build_report(tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "<code>lora.double_hist</code>" in page and "double<i>hist" not in page and "<em>hist" not in page
 
 
 def test_report_needs_a_plan(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="plan.json"):
         build_report(tmp_path)
+
+
+def test_report_imports_no_torch(tmp_path: Path) -> None:
+    """Building a report imports nothing from training, models or torch (torch made unimportable here)."""
+    make_fixture(tmp_path)
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'safetensors', 'transformers'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from ctxtune.report import build_report\n"
+        f"build_report({str(tmp_path)!r})\n"
+        "bad = [m for m in sys.modules if m.startswith(('ctxtune.train', 'ctxtune.model', 'ctxtune.methods'))]\n"
+        "assert not bad, bad\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

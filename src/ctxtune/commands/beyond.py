@@ -1,4 +1,6 @@
-"""`ctxtune approx` (universal approximation by prefixing one head) and `ctxtune suffix-study`."""
+"""`ctxtune approx`: universal approximation by prefixing one fixed attention head.
+
+(The suffix-vs-prefix study and the diagnose validation are study specs: `ctxtune reproduce --group beyond`.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from ctxtune.errors import ConfigError
 
 def register(app: typer.Typer) -> None:
     app.command("approx")(approx_cmd)
-    app.command("suffix-study")(suffix_study_cmd)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -40,9 +41,9 @@ def approx_cmd(
 
     Example: ctxtune approx --p 1,2,4,8,16,32,64 --plot ua.png
     """
-    from ctxtune.beyond.universal import approximation_study, summarize
-    from ctxtune.beyond.universal import plot as plot_fn
+    from ctxtune.constructions.universal import approximation_study
     from ctxtune.io import atomic_write_json
+    from ctxtune.report.sections import universal_plot, universal_table
 
     if c <= 0 or fit_steps < 0:
         raise ConfigError(f"--c must be positive and --fit-steps non-negative, got {c} and {fit_steps}")
@@ -52,31 +53,8 @@ def approx_cmd(
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, result)
     if plot is not None:
-        plot_fn(result, plot)
+        universal_plot(result, plot)
     if json_out:
         emit_json(result)
     else:
-        typer.echo(summarize(result))
-
-
-@cli_errors
-def suffix_study_cmd(
-    out: Path = typer.Option(Path("results/beyond/suffix_vs_prefix.json"), help="Results JSON."),
-    bases: Path = typer.Option(Path("runs/beyond_bases"), help="Folder of base runs (pretrained if missing)."),
-    steps: int = typer.Option(800, help="Adapter steps per method."),
-    seeds: int = typer.Option(2, help="Seeds (one adapter bank)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> None:
-    """Suffix vs prefix vs soft prompt at matched budgets, and the per-layer decomposition (minutes on CPU).
-
-    Example: ctxtune suffix-study --steps 800 --seeds 2
-    """
-    from ctxtune.beyond.suffix import run_study, summarize
-
-    if steps < 1 or seeds < 1:
-        raise ConfigError("--steps and --seeds must be positive")
-    result = run_study(out, bases, steps=steps, seeds=seeds)
-    if json_out:
-        emit_json(result)
-    else:
-        typer.echo(summarize(result))
+        typer.echo(universal_table(result))

@@ -26,6 +26,7 @@ from ctxtune.theory.attention import (
 )
 from ctxtune.theory.capture import LayerAttention
 from ctxtune.theory.cross_layer import CrossLayerChange, cross_layer_changes
+from ctxtune.train.runs import is_run_folder
 
 CONTEXT_METHODS = ("prefix", "prefix_kv", "soft_prompt")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -34,52 +35,38 @@ N_INPUTS, N_TOKENS = 2, 12
 check_app = typer.Typer(help="Executable checks of the paper's theory.", no_args_is_help=True)
 
 
-def _is_run_folder(path: Path) -> bool:
-    import json
-
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "model" in json.loads(cfg.read_text()) and isinstance(
-            json.loads(cfg.read_text())["model"], dict
-        )
-    except (ValueError, TypeError):
-        return False
-
-
-def _gpt_captures(spec: Path, method_key: str | None, length: int, seed: int, dtype: torch.dtype) -> tuple:
-    """(method name, prefixed captures, base captures, attention modules) for a ctxtune run folder."""
+def _model_and_method(spec: str, method_key: str | None, length: int, seed: int, dtype: torch.dtype) -> tuple:
+    """The model (a run folder's, or a Hugging Face model) and the context method to check on it: the run's own
+    trained adapter when it is a context method, else a seeded random one of `length` virtual tokens."""
     from ctxtune.methods import make_method
-    from ctxtune.theory.capture import capture_gpt, capture_method
-    from ctxtune.train.runs import load_base_model, load_method, read_config
+    from ctxtune.train.runs import load_run_method, load_run_model, read_run
 
-    model = load_base_model(spec).to(dtype).eval()
-    trained = read_config(spec).get("method") or {}
-    if trained.get("key") in CONTEXT_METHODS and method_key in (None, trained["key"]):
-        method = load_method(spec, model)
+    if is_run_folder(spec):
+        record = read_run(spec)
+        model = load_run_model(spec).to(dtype).eval()
+        trained = record.spec.method
+        if record.saves == "adapter" and method_key in (None, trained) and trained in CONTEXT_METHODS:
+            return model, load_run_method(spec, model, adapter=0).to(dtype)
     else:
-        method = make_method(method_key or "prefix", model, n_virtual=length)
-        method.init_adapter(0, torch.Generator().manual_seed(seed))
-    method.to(dtype)
-    n_ctx = model.cfg.n_ctx - (length if getattr(method.config, "position_policy", "keep") == "shift" else 0)
+        from ctxtune.hf.backbone import load_backbone
+
+        model = load_backbone(spec, dtype)
+    method = make_method(method_key or "prefix", model, n_virtual=length)
+    method.init_adapter(0, torch.Generator().manual_seed(seed))
+    return model, method.to(dtype)
+
+
+def _captures(spec: str, method_key: str | None, length: int, seed: int, dtype: torch.dtype) -> tuple:
+    """(method name, prefixed captures, base captures, attention modules) on random content tokens."""
+    from ctxtune.theory.capture import capture_for, capture_method
+
+    model, method = _model_and_method(spec, method_key, length, seed, dtype)
+    n_ctx = model.cfg.n_ctx - method.positions_added(method.config)
     gen = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, model.cfg.d_vocab, (N_INPUTS, max(1, min(N_TOKENS, n_ctx))), generator=gen)
     layers = capture_method(method, tokens)
-    base = capture_gpt(model, tokens, position_ids=layers[0].position_ids)
-    return method.key, layers, base, [b.attn for b in model.blocks]
-
-
-def _hf_captures(spec: str, method_key: str | None, length: int, seed: int, dtype: torch.dtype) -> tuple:
-    from ctxtune.hf.attach import random_attachment
-    from ctxtune.hf.loading import load_model
-
-    model, _ = load_model(spec, dtype)
-    key = method_key or "prefix"
-    att = random_attachment(model, key, length, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    tokens = torch.randint(0, model.config.vocab_size, (N_INPUTS, N_TOKENS), generator=gen)
-    return key, att.capture(tokens), att.capture_base(tokens), att.layout.attn
+    base = capture_for(model)(model, tokens, position_ids=layers[0].position_ids)
+    return method.key, layers, base, model.attention_modules()
 
 
 def run_checks(model: str, method: str | None, length: int, seed: int, dtype: str) -> dict[str, Any]:
@@ -90,12 +77,9 @@ def run_checks(model: str, method: str | None, length: int, seed: int, dtype: st
         raise CtxtuneError(f"--length must be at least 1, got {length}")
     if dtype not in DTYPES:
         raise CtxtuneError(f"--dtype must be float32 or float64, got {dtype!r}")
-    path = Path(model).expanduser()
     with torch.no_grad():
-        if path.is_dir() and _is_run_folder(path):
-            key, layers, base, modules = _gpt_captures(path, method, length, seed, DTYPES[dtype])
-        else:
-            key, layers, base, modules = _hf_captures(model, method, length, seed, DTYPES[dtype])
+        key, layers, base, modules = _captures(str(Path(model).expanduser()) if model != "smollm2" else model,
+                                               method, length, seed, DTYPES[dtype])
         results: list[CheckResult] = check_layers(layers)
         for la, module in zip(layers, modules, strict=True):
             results += check_weights_control(la, perturbed_copy(module, seed))

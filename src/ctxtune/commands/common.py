@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: one-line errors with exit code 2, JSON output, TOML options.
+"""Shared command-line plumbing: one-line errors with exit code 2, JSON output, the flags a user gave.
 
 Contract (DESIGN.md): bad input gives one clear line on stderr naming the problem and exit code 2,
 no traceback, no partial output; `--json` prints exactly one JSON object on stdout.
@@ -10,13 +10,11 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
-import tomllib
 import typer
 
-from ctxtune.errors import ConfigError, CtxtuneError, TrainingDiverged
+from ctxtune.errors import CtxtuneError, TrainingDiverged
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,31 +47,6 @@ def emit_json(obj: Any) -> None:
     """Exactly one JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
-
-
-def load_toml(path: Path | None) -> dict[str, Any]:
-    """Options from a TOML file (empty when no file); malformed files are a ConfigError."""
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
-
-
-def section(data: dict[str, Any], name: str, allowed_top: set[str] | None = None) -> dict[str, Any]:
-    value = data.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] in the config file must be a table")
-    return dict(value)
-
-
-def check_top_level(data: dict[str, Any], allowed: set[str], path: Path | None) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
 def given(**flags: Any) -> dict[str, Any]:

@@ -19,8 +19,10 @@ def register(app: typer.Typer) -> None:
 def reproduce_cmd(
     scale: str = typer.Option("quick", help="quick (2-core CPU, the default), standard (longer CPU) or paper (GPU)."),
     seeds: int = typer.Option(3, help="Seeds per study (0..N-1)."),
-    only: list[str] = typer.Option(None, help="Run only this study; repeat for several. "
-                                   "Studies: cannot_learn_new_attention, elicit, compose_vs_new, prefix_vs_lora."),
+    only: list[str] = typer.Option(None, help="Run only this study; repeat for several. Paper: "
+                                   "cannot_learn_new_attention, elicit, compose_vs_new, prefix_vs_lora; beyond the "
+                                   "paper: suffix_vs_prefix, diagnose_validation."),
+    group: str = typer.Option("paper", help="Without --only: the paper's studies (paper), ours (beyond) or all."),
     out: Path = typer.Option(None, help="Results folder (default results/<scale>)."),
     executor: str = typer.Option("local", help="local (in this process), process or ray."),
     workers: int = typer.Option(1, help="Parallel workers for the process and ray executors."),
@@ -30,11 +32,14 @@ def reproduce_cmd(
                                                 "report says so)."),
     steps: int = typer.Option(None, help="Override every run's step count (smoke tests)."),
     eval_examples: int = typer.Option(None, "--eval-examples", help="Override the number of test examples."),
-    threads: int = typer.Option(None, help="torch threads per job (default: torch's choice)."),
+    threads: int = typer.Option(None, help="torch threads per job (default: torch's choice in this process, "
+                                "1 per worker process)."),
     quiet: bool = typer.Option(False, help="No progress output."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Reproduce the paper's experiments (Sections 5-6) and write DIR/report.html, report.md, results.json.
+
+    Exit code 1 when a job failed (the report still shows what finished).
 
     Example: ctxtune reproduce --scale quick --seeds 3 --out results/quick
     """
@@ -48,16 +53,26 @@ def reproduce_cmd(
         raise ConfigError(f"unknown executor {executor!r}; choose local, process or ray")
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
     override = {"steps": steps} if steps is not None else None
     summary = reproduce(scale=scale, seeds=seeds, only=only or None, out=out, executor=executor, workers=workers,
                         device=device, step_factor=max_steps_factor, train_override=override,
-                        eval_examples=eval_examples, threads=threads, quiet=quiet or json_out)
+                        eval_examples=eval_examples, threads=threads, quiet=quiet or json_out, group=group)
     if json_out:
         emit_json(summary)
-        return
+    else:
+        print_summary(summary)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+def print_summary(summary: dict) -> None:
     typer.echo(f"report: {summary['paths']['html']}")
     typer.echo(f"jobs: {summary['jobs']['ok']} ok, {summary['jobs']['failed']} failed, "
                f"{summary['jobs']['skipped']} skipped; wall {summary['wall_seconds']:.0f} s")
+    for job_id, error in summary["failed"].items():
+        typer.echo(f"  failed {job_id}: {error}")
     for claim, holds in summary["claims"].items():
         typer.echo(f"  {claim}: {'holds' if holds else 'not measured' if holds is None else 'does NOT hold'}")
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import typer
 
-from ctxtune.commands.common import check_top_level, cli_errors, emit_json, given, load_toml, section
+from ctxtune.commands.common import cli_errors, emit_json, given
+from ctxtune.configs import check_keys, load_toml, table
 from ctxtune.errors import ConfigError
-from ctxtune.methods import get_method_class, in_context_tokens
+from ctxtune.methods import get_method_class
 from ctxtune.model import ModelConfig
 from ctxtune.tasks import get_task
-from ctxtune.train.api import evaluate_run, pretrain, tune
+from ctxtune.train import RunResult, RunSpec, StreamSpec, run
 from ctxtune.train.config import TrainConfig
-from ctxtune.train.runs import load_base_model, load_method, read_config
 
 TRAIN_FLAGS = dict(
     steps=typer.Option(None, help="Optimiser steps."),
@@ -34,10 +34,17 @@ TRAIN_FLAGS = dict(
 )
 
 
-def train_config(toml: dict[str, Any], params: dict[str, Any], defaults: dict[str, Any]) -> TrainConfig:
+def train_config(toml: dict[str, Any], params: dict[str, Any], defaults: dict[str, Any], where: Any) -> TrainConfig:
     """Defaults, then the TOML [train] table, then the train flags the user gave (from the command's params)."""
     flags = given(**{name: params[name] for name in TRAIN_FLAGS})
-    return TrainConfig.from_dict({**defaults, **section(toml, "train"), **flags})
+    return TrainConfig.from_dict({**defaults, **table(toml, "train", str(where)), **flags})
+
+
+def options_file(config: Path | None, allowed: set[str]) -> dict[str, Any]:
+    """The --config TOML file (empty without one), its top-level keys checked."""
+    if config is None:
+        return {}
+    return check_keys(load_toml(config), allowed, str(config))
 
 
 def out_folder(out: Path, resume: bool) -> Path:
@@ -88,8 +95,7 @@ def pretrain_cmd(
 
     Example: ctxtune pretrain --task ascending --layers 1 --heads 1 --d-model 64 --steps 1500 --lr 3e-3 --out runs/asc
     """
-    toml = load_toml(config)
-    check_top_level(toml, {"task", "model", "train"}, config)
+    toml = options_file(config, {"task", "model", "train"})
     model_flags = given(
         n_layers=layers,
         n_heads=heads,
@@ -102,14 +108,15 @@ def pretrain_cmd(
         act=act,
         dropout=dropout,
     )
-    model_cfg = ModelConfig.from_dict({"n_ctx": 32, **section(toml, "model"), **model_flags})
-    defaults = {"weight_decay": 0.1, "decay_matrices_only": True, "train_mode": True}
-    train_cfg = train_config(toml, locals(), defaults)
+    model_cfg = ModelConfig.from_dict({"n_ctx": 32, **table(toml, "model", str(config)), **model_flags})
+    defaults = {**get_method_class("full").train_defaults, "train_mode": True}
+    train_cfg = train_config(toml, locals(), defaults, config)
     task_name = task or toml.get("task")
     if not task_name:
         raise ConfigError("no task given: pass --task or set task in the config file")
-    task_obj = get_task(task_name)
-    _, result = pretrain(model_cfg, task_obj, train_cfg, out_folder(out, resume), resume=resume, quiet=quiet)
+    get_task(task_name)
+    spec = RunSpec("pretrain", "full", (StreamSpec(task_name, seed=train_cfg.seed),), train_cfg, model=model_cfg)
+    result = run(spec, out_folder(out, resume), resume=resume, quiet=quiet)
     report(
         json_out,
         {
@@ -117,8 +124,9 @@ def pretrain_cmd(
             "task": task_name,
             "steps": result.steps,
             "final_loss": result.final_loss[0],
-            "accuracy": result.accuracy[0],
-            "seconds": round(result.seconds, 2),
+            "accuracy": result.trainer_accuracy[0],
+            "seconds": round(result.train_seconds, 2),
+            **already_finished(result),
         },
     )
 
@@ -158,20 +166,22 @@ def tune_cmd(
 
     Example: ctxtune tune --base runs/asc --method prefix --n-virtual 1 --task descending --lr 2e-2 --out runs/p
     """
-    toml = load_toml(config)
-    check_top_level(toml, {"method", "task", "options", "train"}, config)
+    toml = options_file(config, {"method", "task", "options", "train"})
     key = method or toml.get("method")
     if not key:
         raise ConfigError("no method given: pass --method or set method in the config file")
-    get_method_class(key)
+    cls = get_method_class(key)
     task_names = list(task) if task else toml.get("task", [])
-    task_names = [task_names] if isinstance(task_names, str) else list(task_names)
-    if not task_names:
+    task_names = [task_names] if isinstance(task_names, str) else task_names
+    if not isinstance(task_names, list) or not task_names:
         raise ConfigError("no task given: pass --task (repeatable) or set task in the config file")
-    task_objs = [get_task(t) for t in task_names]
+    repeated = sorted({t for t in task_names if task_names.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"task {repeated[0]!r} given twice: a bank trains one adapter per task, give each task once")
     options = {
-        **section(toml, "options"),
-        **given(n_virtual=n_virtual, position_policy=position_policy, rank=rank, alpha=alpha, reparam_dim=reparam_dim),
+        **table(toml, "options", str(config)),
+        **given(n_virtual=n_virtual, position_policy=position_policy, rank=rank, alpha=alpha, reparam_dim=reparam_dim,
+                examples=examples),
     }
     if targets is not None:
         options["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
@@ -180,13 +190,11 @@ def tune_cmd(
             options["tokens"] = [int(t) for t in tokens.split(",")]
         except ValueError:
             raise ConfigError(f"--tokens must be comma-separated integers, got {tokens!r}") from None
-    if key == "in_context":
-        options["tokens"] = list(in_context_tokens(task_objs[0], examples or 2, seed=seed or 0))
-    defaults = {"weight_decay": 0.01} if key != "full" else {"weight_decay": 0.1, "decay_matrices_only": True}
-    train_cfg = train_config(toml, locals(), defaults)
-    read_config(base)
-    out_folder(out, resume)
-    method_obj, result = tune(base, key, task_objs, train_cfg, options, out, resume=resume, quiet=quiet)
+    train_cfg = train_config(toml, locals(), dict(cls.train_defaults), config)
+    streams = tuple(StreamSpec(t, seed=train_cfg.seed, index=k) for k, t in enumerate(task_names))
+    spec = RunSpec("tune", key, streams, train_cfg, options=options, base=str(base))
+    spec.check_inputs()
+    result = run(spec, out_folder(out, resume), resume=resume, quiet=quiet)
     report(
         json_out,
         {
@@ -194,10 +202,11 @@ def tune_cmd(
             "method": key,
             "tasks": task_names,
             "steps": result.steps,
-            "trainable": method_obj.num_trainable(),
+            "trainable": result.trainable,
             "final_loss": result.final_loss,
-            "accuracy": dict(zip(task_names, result.accuracy, strict=True)),
-            "seconds": round(result.seconds, 2),
+            "accuracy": dict(zip(task_names, result.trainer_accuracy, strict=True)),
+            "seconds": round(result.train_seconds, 2),
+            **already_finished(result),
         },
     )
 
@@ -215,23 +224,27 @@ def eval_cmd(
 
     Example: ctxtune eval --run runs/asc-prefix --task descending --task ascending
     """
+    from ctxtune.train.evaluate import evaluate
+    from ctxtune.train.runs import load_run_method, read_run
+
     if examples <= 0:
         raise ConfigError(f"--examples must be positive, got {examples}")
-    config = read_config(run)
-    for t in task:
-        get_task(t)
-    model = load_base_model(run)
-    if config.get("kind") == "tune" and config["method"]["key"] != "full":
-        method = load_method(run, model)
-    else:
-        from ctxtune.methods import make_method
+    if seed < 0:
+        raise ConfigError(f"--seed must be non-negative, got {seed}")
+    record = read_run(run)
+    task_objs = [get_task(t) for t in task]
+    if not 0 <= adapter < len(record.spec.streams):
+        raise ConfigError(f"--adapter {adapter} out of range: the run has {len(record.spec.streams)} adapter(s)")
+    method = load_run_method(run)
+    accs = evaluate(method, task_objs, examples, seed=seed, placeholders=record.spec.train.placeholders,
+                    adapters=[adapter] * len(task_objs))
+    report(json_out, {"run": str(run), "adapter": adapter, "examples": examples,
+                      "accuracy": dict(zip(task, accs, strict=True))})
 
-        method = make_method("full", model)
-    if not 0 <= adapter < method.n_adapters:
-        raise ConfigError(f"--adapter {adapter} out of range: the run has {method.n_adapters} adapter(s)")
-    placeholders = int(config.get("train", {}).get("placeholders", 0))
-    accs = evaluate_run(method, list(task), examples, seed=seed, placeholders=placeholders, adapter=adapter)
-    report(json_out, {"run": str(run), "adapter": adapter, "examples": examples, "accuracy": accs})
+
+def already_finished(result: RunResult) -> dict[str, Any]:
+    """A note for a --resume of a run that had already finished (its stored result is reported unchanged)."""
+    return {"note": "the run had already finished; nothing was changed"} if result.cached else {}
 
 
 def report(json_out: bool, payload: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Hand-built transformers in which one virtual token controls the output (paper Section 3).
 
 `make_unconditional` (any sequence in [V]^N), `make_conditional` (any map [V] -> [V]^N), capacity
-counting in `capacity`, and the precision account of the two-user-token demo in `two_token`.
+counting in `capacity`, the precision account of the two-user-token demo in `two_token`, and
+`universal`: prefixes of one hand-set attention head that approximate continuous functions on the circle.
 """
 
 from ctxtune.constructions.capacity import (

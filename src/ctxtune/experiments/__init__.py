@@ -1,1 +1,1 @@
-"""Study specs, the runner, executors (local, process pool, Ray), the SQLite results store and sweeps."""
+"""Study specs and sweeps expanded into plans of jobs (runs and analyses), executors, the results store."""

@@ -1,9 +1,9 @@
 """Executors: run a list of jobs, respecting their dependencies, in-process, in worker processes or on Ray.
 
-A job is a JSON-serialisable dict (the contract with `ctxtune.experiments.runner`)::
+A job is a JSON-serialisable dict (the contract with `ctxtune.experiments.jobs`)::
 
     {"id": "tune-1a2b3c4d",          # unique within one `run` call
-     "kind": "pretrain" | "tune",
+     "kind": "train" | "analysis",
      "out_dir": "runs/1a2b3c4d",     # the worker writes the run folder here
      "depends_on": ["pretrain-..."], # ids that must finish first
      "resources": {"num_cpus": 1, "num_gpus": 0.25},   # optional; honoured by Ray
@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from ctxtune.errors import ConfigError
 
-DEFAULT_WORKER = "ctxtune.experiments.runner:execute_job"
+DEFAULT_WORKER = "ctxtune.experiments.jobs:execute"
 EXECUTORS = ("local", "process", "ray")
 
 
@@ -541,7 +541,8 @@ class RayExecutor(Executor):
 
 
 def get_executor(
-    name: str, workers: int | None = 1, address: str | None = None, max_attempts: int = 3
+    name: str, workers: int | None = 1, address: str | None = None, max_attempts: int = 3,
+    threads: int | None = None,
 ) -> Executor:
     """The executor called `name` ("local", "process" or "ray"); unknown names are a ConfigError.
 
@@ -550,19 +551,20 @@ def get_executor(
         workers: runs at once (process: None means 1; ray: None means as many as Ray will place).
         address: Ray cluster address (ray only); None starts a local Ray instance.
         max_attempts: starts per job when its worker process dies.
+        threads: torch threads per job (None: the process default in this process, 1 in workers).
     """
     if name == "local":
         if address is not None:
             raise ConfigError("--address applies only to --executor ray")
-        return LocalExecutor(max_attempts=max_attempts)
+        return LocalExecutor(max_attempts=max_attempts, threads=threads)
     if name == "process":
         if address is not None:
             raise ConfigError("--address applies only to --executor ray")
-        return ProcessExecutor(workers=workers or 1, max_attempts=max_attempts)
+        return ProcessExecutor(workers=workers or 1, max_attempts=max_attempts, threads=threads or 1)
     if name == "ray":
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("the ray executor needs Ray: pip install 'ctxtune[ray]'")
-        return RayExecutor(address=address, workers=workers, max_attempts=max_attempts)
+        return RayExecutor(address=address, workers=workers, max_attempts=max_attempts, threads=threads or 1)
     raise ConfigError(f"unknown executor {name!r}; choose one of: {', '.join(EXECUTORS)}")
 
 

@@ -1,20 +1,19 @@
-"""The whole pipeline of `ctxtune reproduce`: expand the studies, run the jobs, collect, report.
+"""`ctxtune reproduce`: the studies at one scale, as a plan for `ctxtune.experiments.pipeline.run_plan`.
 
-DIR/plan.json records the studies (paper numbers, claims, exact configurations at this scale), the jobs
-and the environment before anything runs; the report is built from it and the run folders alone, so
-`ctxtune report DIR` rebuilds it later (also after an interrupted run: missing runs are marked).
+DIR/plan.json records the studies (paper numbers, claims, exact configurations at this scale, analyses),
+the jobs and the environment before anything runs; the report is built from it and the run folders alone,
+so `ctxtune report DIR` rebuilds it later (also after an interrupted run: missing runs are marked).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from ctxtune.errors import ConfigError
-from ctxtune.experiments.runner import ProgressPrinter, base_key, expand, run_jobs
-from ctxtune.experiments.spec import SCALES, StudySpec, get_study, list_studies
+from ctxtune.experiments.plan import base_key, expand
+from ctxtune.experiments.spec import GROUPS, SCALES, StudySpec, get_study, list_studies
 
 
 def study_plan(study: StudySpec, scale: str) -> dict[str, Any]:
@@ -30,22 +29,29 @@ def study_plan(study: StudySpec, scale: str) -> dict[str, Any]:
                  "options": a.scales[scale].options, "train": a.scales[scale].train}
         for a in study.adaptations.values()
     }
+    analyses = {an.name: {"kind": an.kind, "adaptations": list(an.adaptations), "options": an.options}
+                for an in study.analyses.values()}
     return {
         "title": study.title, "paper_ref": study.paper_ref, "summary": study.summary, "notes": study.notes,
+        "group": study.group, "analyses": analyses,
         "paper": study.paper, "rows": study.rows(), "bases": bases, "adaptations": adaptations,
         "claims": [{"id": c.id, "text": c.text, "checks": [{"cell": k.cell, "op": k.op, "value": k.value}
                                                            for k in c.checks]} for c in study.claims],
     }
 
 
-def select_studies(only: list[str] | None) -> list[StudySpec]:
+def select_studies(only: list[str] | None, group: str = "paper") -> list[StudySpec]:
+    """The studies named by --only, else every study of `group` ("paper", "beyond" or "all")."""
     names = list_studies()
     if only:
         bad = [n for n in only if n not in names]
         if bad:
             raise ConfigError(f"unknown study {bad[0]!r} in --only; known studies: {', '.join(names)}")
-        names = [n for n in names if n in only]
-    return [get_study(n) for n in names]
+        return [get_study(n) for n in names if n in only]
+    if group not in (*GROUPS, "all"):
+        raise ConfigError(f"--group must be one of {', '.join(GROUPS)} or all, got {group!r}")
+    studies = [get_study(n) for n in names]
+    return [s for s in studies if group == "all" or s.group == group]
 
 
 def reproduce(
@@ -61,62 +67,41 @@ def reproduce(
     eval_examples: int | None = None,
     threads: int | None = None,
     quiet: bool = False,
+    group: str = "paper",
 ) -> dict[str, Any]:
     """Run the studies and write DIR/results.json, DIR/report.md, DIR/report.html. Returns a summary dict."""
+    from ctxtune.experiments.executors import get_executor
+    from ctxtune.experiments.pipeline import run_plan
+    from ctxtune.report import environment
+    from ctxtune.train.run import check_device
+
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
-    studies = select_studies(only)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
+    studies = select_studies(only, group)
     check_device(device)
     out_dir = Path(out if out is not None else f"results/{scale}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a folder")
-    runner_executor = None
-    if executor != "local":
-        try:
-            from ctxtune.experiments import executors as ex_mod
-        except ImportError:
-            raise ConfigError(f"executor {executor} not available yet") from None
-        runner_executor = ex_mod.get_executor(executor, workers)
+    runner = get_executor(executor, workers, threads=threads)
     jobs = expand(studies, scale, seeds, out_dir, device=device, step_factor=step_factor,
-                  train_override=train_override, eval_examples=eval_examples, threads=threads)
-    from ctxtune.report import build_report, environment
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+                  train_override=train_override, eval_examples=eval_examples, threads=threads or 0)
     plan = {
-        "scale": scale, "seeds": list(range(seeds)), "step_factor": step_factor, "executor": executor,
-        "device": device, "train_override": train_override or {}, "eval_examples": eval_examples,
-        "studies": {s.name: study_plan(s, scale) for s in studies}, "jobs": jobs, "environment": environment(device),
+        "kind": "reproduce", "scale": scale, "seeds": list(range(seeds)), "step_factor": step_factor,
+        "executor": executor, "device": device, "train_override": train_override or {},
+        "eval_examples": eval_examples, "studies": {s.name: study_plan(s, scale) for s in studies}, "jobs": jobs,
+        "environment": environment(device),
     }
     plan = merge_plan(out_dir / "plan.json", plan)
-    (out_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-    start = time.perf_counter()
-    with ProgressPrinter(jobs, quiet=quiet) as progress:
-        results = run_jobs(jobs, executor=runner_executor, on_result=progress)
-    wall = round(time.perf_counter() - start, 1)
-    plan["wall_seconds"] = wall
-    (out_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-    report = build_report(out_dir, wall_seconds=wall)
+    report = run_plan(out_dir, plan, runner, jobs=jobs, quiet=quiet)
     doc = report["doc"]
     return {
-        "out": str(out_dir), "scale": scale, "seeds": seeds, "wall_seconds": wall,
+        "out": str(out_dir), "scale": scale, "seeds": seeds, "wall_seconds": report["wall_seconds"],
         "jobs": doc["jobs"], "paths": report["paths"],
-        "failed": {k: r.get("error") for k, r in results.items() if r.get("status") != "ok"},
+        "failed": {r["id"]: r.get("error") for r in doc["runs"] if r.get("status") not in ("ok", None)},
         "claims": {f"{name}/{c['id']}": c["holds"] for name, st in doc["studies"].items() for c in st["claims"]},
     }
-
-
-def check_device(device: str) -> None:
-    """Reject a device torch cannot use before any job starts."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown --device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} requested but CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
 
 
 def merge_plan(path: Path, plan: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Layout of one spec (every key is checked; see the shipped studies for complete e
 
     name = "elicit"                 # must equal the file stem
     title = "..."; paper_ref = "..."; summary = "..."
+    group = "paper"                 # "paper" (run by default) or "beyond" (our extensions: --only / --group)
     [bases.mix]
     task = "mix"                    # pretraining task
     share = "mix_quick"             # optional: studies naming the same share id reuse one run
@@ -24,6 +25,10 @@ Layout of one spec (every key is checked; see the shipped studies for complete e
     stack_seeds = true              # seeds as extra adapters of one bank run (needs a shared base)
     [adaptations.prefix.scale.quick]
     options = {n_virtual = 1}; train = {...}
+    [analyses.NAME]                 # optional: computed from finished runs, per seed (ctxtune.experiments.analyses)
+    kind = "decomposition"          # a registered analysis
+    adaptations = ["prefix", ...]   # the runs it reads
+    options = {...}                 # the analysis' own options
     [paper]
     "prefix.ascending/ascending" = 0.9409     # cell "<row>/<eval task>", accuracy as a fraction
     [[claims]]
@@ -40,23 +45,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from ctxtune.claims import OPS, holds
+from ctxtune.configs import check_keys as _check_keys
+from ctxtune.configs import load_toml
 from ctxtune.errors import ConfigError
 
 SCALES = ("quick", "standard", "paper")
-OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
-
-
-def _check_keys(data: dict[str, Any], allowed: set[str], where: str, required: set[str] = frozenset()) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    missing = sorted(required - set(data))
-    if missing:
-        raise ConfigError(f"missing key(s) in {where}: {', '.join(missing)}")
+GROUPS = ("paper", "beyond")
 
 
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
@@ -116,7 +111,7 @@ class Check:
     value: float
 
     def holds(self, observed: float) -> bool:
-        return OPS[self.op](observed, self.value)
+        return holds(observed, self.op, self.value)
 
     def describe(self) -> str:
         return f"{self.cell} {self.op} {self.value:.0%}"
@@ -127,6 +122,16 @@ class Claim:
     id: str
     text: str
     checks: tuple[Check, ...]
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """An analysis of finished runs (kind registered in ctxtune.experiments.analyses), one job per seed."""
+
+    name: str
+    kind: str
+    adaptations: tuple[str, ...]
+    options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,8 @@ class StudySpec:
     claims: tuple[Claim, ...]
     notes: dict[str, str]
     path: str
+    group: str = "paper"
+    analyses: dict[str, AnalysisSpec] = field(default_factory=dict)
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -206,11 +213,33 @@ def _claims(data: Any, where: str) -> tuple[Claim, ...]:
     return tuple(out)
 
 
+def _analyses(data: Any, adaptations: dict[str, AdaptationSpec], where: str) -> dict[str, AnalysisSpec]:
+    from ctxtune.experiments.analyses import check_analysis
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: [analyses] must be a table of tables")
+    out = {}
+    for name, a in data.items():
+        w = f"{where} [analyses.{name}]"
+        _check_keys(a, {"kind", "adaptations", "options"}, w, {"kind", "adaptations"})
+        names = _str_list(a["adaptations"], f"{w} adaptations")
+        missing = [n for n in names if n not in adaptations]
+        if missing or not names:
+            raise ConfigError(f"{w}: adaptations must name adaptations of this study, got {list(names)}")
+        options = a.get("options", {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"{w}: options must be a table")
+        check_analysis(str(a["kind"]), [adaptations[n] for n in names], options, w)
+        out[name] = AnalysisSpec(name, str(a["kind"]), names, dict(options))
+    return out
+
+
 def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = None) -> StudySpec:
     """Validate a parsed TOML document into a StudySpec (every problem is one ConfigError line)."""
     from ctxtune.methods import get_method_class
 
-    top = {"name", "title", "paper_ref", "summary", "bases", "adaptations", "paper", "claims", "notes"}
+    top = {"name", "title", "paper_ref", "summary", "group", "bases", "adaptations", "analyses", "paper", "claims",
+           "notes"}
     _check_keys(data, top, where, required={"name", "title", "bases", "adaptations"})
     name = data["name"]
     if stem is not None and name != stem:
@@ -265,7 +294,11 @@ def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = 
     paper = data.get("paper", {})
     if not isinstance(paper, dict) or not all(isinstance(v, (int, float)) for v in paper.values()):
         raise ConfigError(f"{where}: [paper] must map cells to numbers")
+    group = data.get("group", "paper")
+    if group not in GROUPS:
+        raise ConfigError(f"{where}: group must be one of {', '.join(GROUPS)}, got {group!r}")
     spec = StudySpec(
+        group=group, analyses=_analyses(data.get("analyses", {}), adaptations, where),
         name=name, title=str(data["title"]), paper_ref=str(data.get("paper_ref", "")),
         summary=str(data.get("summary", "")),
         bases=bases, adaptations=adaptations, paper={k: float(v) for k, v in paper.items()},
@@ -287,11 +320,7 @@ def load_study(path: str | Path) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study spec not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
-    return parse_study(data, str(path), stem=path.stem)
+    return parse_study(load_toml(path), str(path), stem=path.stem)
 
 
 def studies_dir() -> Path:
@@ -299,7 +328,8 @@ def studies_dir() -> Path:
     return Path(str(resources.files("ctxtune") / "studies"))
 
 
-STUDY_ORDER = ("cannot_learn_new_attention", "elicit", "compose_vs_new", "prefix_vs_lora")
+STUDY_ORDER = ("cannot_learn_new_attention", "elicit", "compose_vs_new", "prefix_vs_lora", "suffix_vs_prefix",
+               "diagnose_validation")
 
 
 def list_studies() -> list[str]:

@@ -1,20 +1,20 @@
-"""Sweeps: a TOML grid over methods, tasks, seeds and options, expanded to jobs and run by an executor.
+"""Sweeps: a TOML grid over methods, tasks, seeds and options, expanded to a plan of runs (RunSpecs).
 
 A sweep spec (every table but [grid] optional; unknown keys are errors)::
 
-    name = "prefix-vs-lora"        # study name in the results store (default: the file name)
+    name = "prefix-vs-lora"        # the sweep's name: letters, digits, '.', '_', '-' (default: the file name)
 
     [model]                        # ModelConfig of the base model (pretrained once per seed)
     n_layers = 1
     d_model = 32
 
-    [pretrain]                     # omit it and set tune.base to tune an existing run folder instead
+    [pretrain]                     # omit it and set tune.base to tune an existing base instead
     task = "ascending"
     [pretrain.train]               # TrainConfig; the seed comes from grid.seeds
     steps = 300
 
     [tune]
-    # base = "runs/asc"            # an existing pretrained run folder (instead of [pretrain])
+    # base = "runs/asc"            # an existing base (a pretraining run folder or a Hugging Face model)
     [tune.train]                   # TrainConfig of every tuning run; the seed comes from grid.seeds
     steps = 200
 
@@ -31,42 +31,34 @@ A sweep spec (every table but [grid] optional; unknown keys are errors)::
     [resources]                    # per job kind, honoured by the Ray executor
     tune = { num_cpus = 1, num_gpus = 0.25 }
 
-Each job runs into DIR/runs/<hash8>/ (hash8: the first 8 hex digits of its configuration hash), the
-results index is DIR/results.sqlite and a summary of every run is DIR/results.json. A tuning job
-depends on its seed's pretraining job. Running the sweep again skips the finished runs. Unless a train
-table sets checkpoint_every, runs checkpoint every steps // 10 steps, so a retried worker resumes.
+Each run goes to DIR/runs/<hash8>/ (the first 8 hex digits of its RunSpec's fingerprint). The sweep is
+reported like a study (results.json and report.html in DIR, schema docs/results-schema.md): one row per
+method and option combination and task, one value per seed. Running the sweep again skips finished runs.
+Unless a train table sets checkpoint_every, runs checkpoint every steps // 10 steps, so a retried worker
+resumes. Everything is validated (the base exists, every task fits the model) before anything is written.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import re
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from ctxtune.configs import check_keys, load_toml, table
 from ctxtune.errors import ConfigError
-from ctxtune.experiments.executors import Event, Executor, JobOutcome, LocalExecutor
-from ctxtune.experiments.store import ResultsStore, job_hash
-from ctxtune.io import atomic_write_json, load_json
 
-SWEEP_WORKER = "ctxtune.experiments.sweep:run_job"
 TOP_KEYS = {"name", "model", "pretrain", "tune", "grid", "resources"}
-CONFIG_KEYS = ("model", "task", "base", "base_dir", "options", "train")  # a run's config in results.json
-PRETRAIN_DEFAULTS = {"weight_decay": 0.1, "decay_matrices_only": True, "train_mode": True}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def _table(data: dict[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
-    value = data.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] in the sweep spec must be a table")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
+def safe_name(name: Any, what: str = "name") -> str:
+    """A name that becomes a path component: no separators, no '..', at most 100 characters."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name:
         raise ConfigError(
-            f"unknown key(s) in [{name}]: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+            f"{what} must be 1-100 letters, digits, '.', '_' or '-' (no path separators or '..'), got {name!r}"
         )
-    return dict(value)
+    return name
 
 
 def _list(grid: dict[str, Any], key: str, kind: type) -> list[Any]:
@@ -80,23 +72,25 @@ def _list(grid: dict[str, Any], key: str, kind: type) -> list[Any]:
     return values
 
 
-def _train_dict(base: dict[str, Any], seed: int, where: str) -> dict[str, Any]:
+def _train(table_: dict[str, Any], seed: int, defaults: dict[str, Any], where: str) -> Any:
     from ctxtune.train.config import TrainConfig
 
-    if "seed" in base:
+    if "seed" in table_:
         raise ConfigError(f"[{where}.train] must not set seed: seeds come from grid.seeds")
-    data = {**base, "seed": seed}
+    data = {**defaults, **table_, "seed": seed}
     if "checkpoint_every" not in data and isinstance(data.get("steps", 1000), int):
         # A sweep checkpoints by default, so a retried worker resumes instead of starting over.
         data["checkpoint_every"] = max(1, data.get("steps", 1000) // 10)
-    return TrainConfig.from_dict(data).to_dict()
+    return TrainConfig.from_dict(data)
 
 
-def option_grid(method: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+def option_grid(method: str, options: Any) -> list[dict[str, Any]]:
     """Every combination of a method's option lists, validated against the method's config."""
     from ctxtune.methods import get_method_class
 
     cls = get_method_class(method)
+    if not isinstance(options, dict):
+        raise ConfigError(f"grid.options.{method} must be a table of option lists, got {options!r}")
     for key, values in options.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(
@@ -109,34 +103,34 @@ def option_grid(method: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     return combos
 
 
-def expand(spec: dict[str, Any], out_dir: str | Path, name: str = "sweep") -> list[dict[str, Any]]:
-    """The jobs of a sweep spec (parsed TOML), pretraining before tuning; validated before anything runs.
+def combo_label(method: str, combo: dict[str, Any]) -> str:
+    """"prefix(n_virtual=4)": a method and its options, as a report row."""
+    if not combo:
+        return method
+    parts = ",".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(combo.items()))
+    return f"{method}({parts})"
 
-    Args:
-        spec: the parsed TOML (see the module docstring).
-        out_dir: the sweep folder; job folders are out_dir/runs/<hash8>.
-        name: study name used when the spec has none.
+
+def expand(spec: dict[str, Any], out_dir: str | Path, name: str = "sweep") -> dict[str, Any]:
+    """The plan of a sweep spec (parsed TOML): its jobs and its report study; validated before anything runs.
 
     Returns:
-        job dicts for `Executor.run` and `run_job`.
+        {"name", "jobs": [...], "study": the study entry for the report}.
     """
     from ctxtune.model import ModelConfig
     from ctxtune.tasks import get_task
+    from ctxtune.train.run import check_device
+    from ctxtune.train.spec import RunSpec, StreamSpec, check_fits
 
-    unknown = sorted(set(spec) - TOP_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) in the sweep spec: {', '.join(unknown)}; allowed: {', '.join(sorted(TOP_KEYS))}"
-        )
-    study = spec.get("name", name)
-    if not isinstance(study, str) or not study:
-        raise ConfigError(f"name must be a non-empty string, got {study!r}")
+    check_keys(spec, TOP_KEYS, "the sweep spec")
+    study = safe_name(spec.get("name", name), "the sweep name")
     runs = Path(out_dir).resolve() / "runs"
-    model = ModelConfig.from_dict(_table(spec, "model", set(ModelConfig.__dataclass_fields__))).to_dict()
-    pre = _table(spec, "pretrain", {"task", "train"})
-    tune = _table(spec, "tune", {"base", "train"})
-    grid = _table(spec, "grid", {"seeds", "methods", "tasks", "options"})
-    resources = _table(spec, "resources", {"pretrain", "tune"})
+    model_table = table(spec, "model", "the sweep spec")
+    pre = check_keys(table(spec, "pretrain", "the sweep spec"), {"task", "train"}, "[pretrain]")
+    tune = check_keys(table(spec, "tune", "the sweep spec"), {"base", "train"}, "[tune]")
+    grid = check_keys(table(spec, "grid", "the sweep spec"), {"seeds", "methods", "tasks", "options"}, "[grid]",
+                      {"seeds", "methods", "tasks"})
+    resources = check_keys(table(spec, "resources", "the sweep spec"), {"pretrain", "tune"}, "[resources]")
     seeds, methods, tasks = _list(grid, "seeds", int), _list(grid, "methods", str), _list(grid, "tasks", str)
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"grid.seeds must be distinct non-negative integers, got {seeds}")
@@ -145,190 +139,113 @@ def expand(spec: dict[str, Any], out_dir: str | Path, name: str = "sweep") -> li
     options = grid.get("options", {})
     if not isinstance(options, dict) or sorted(set(options) - set(methods)):
         raise ConfigError(f"grid.options must be a table of tables named after grid.methods {methods}")
-    combos = {m: option_grid(m, dict(options.get(m, {}))) for m in methods}
+    combos = {m: option_grid(m, options.get(m, {})) for m in methods}
     if bool(pre) == ("base" in tune):
-        raise ConfigError(
-            "give exactly one of [pretrain] (with a task) or tune.base (an existing run folder)"
-        )
+        raise ConfigError("give exactly one of [pretrain] (with a task) or tune.base (an existing base)")
+    if pre:
+        if "task" not in pre:
+            raise ConfigError("[pretrain] needs a task")
+        get_task(pre["task"])
+        model_cfg = ModelConfig.from_dict(model_table)
+    else:
+        if model_table:
+            raise ConfigError("[model] describes the model to pretrain; with tune.base the base's own model is used")
+        from ctxtune.train.runs import resolve_base
 
-    def job(
-        kind: str, seed: int, config: dict[str, Any], deps: list[str], extra: dict[str, Any]
-    ) -> dict[str, Any]:
-        body = {"kind": kind, "seed": seed, **config}
-        h = job_hash(body)
-        return {
-            "id": f"{kind}-{h[:8]}",
-            **body,
-            "config_hash": h,
-            "study": study,
-            "out_dir": str(runs / h[:8]),
-            "depends_on": deps,
-            "resources": dict(resources.get(kind, {})),
-            **extra,
-        }
+        base_ref = resolve_base(str(tune["base"]))
+        model_cfg = base_ref.model_config
+    for kind, res in resources.items():
+        if not isinstance(res, dict):
+            raise ConfigError(f"resources.{kind} must be a table")
+    check_device("cpu")
 
-    jobs = []
+    from ctxtune.methods import get_method_class
+
+    jobs, rows, adaptations = [], [], {}
     for seed in seeds:
+        deps: list[str] = []
         if pre:
-            if "task" not in pre:
-                raise ConfigError("[pretrain] needs a task")
-            get_task(pre["task"])
-            train = _train_dict({**PRETRAIN_DEFAULTS, **pre.get("train", {})}, seed, "pretrain")
-            base_job = job("pretrain", seed, {"model": model, "task": pre["task"], "train": train}, [], {})
-            jobs.append(base_job)
-            base, deps, base_dir = base_job["config_hash"], [base_job["id"]], base_job["out_dir"]
+            train = _train(table(pre, "train", "[pretrain]"), seed, {**get_method_class("full").train_defaults,
+                                                                        "train_mode": True}, "pretrain")
+            run_spec = RunSpec("pretrain", "full", (StreamSpec(pre["task"], seed=seed, row="base"),), train,
+                               model=model_cfg)
+            job = _job("pretrain", run_spec, runs, [], resources, {"rows": {study: "base"}, "study": study})
+            jobs.append(job)
+            base, deps, identity = job["out_dir"], [job["id"]], "run:" + job["config_hash"]
         else:
-            base_dir = str(Path(tune["base"]).resolve())
-            base, deps = base_dir, []
+            base, identity = base_ref.source, None
         for method, task, opts in ((m, t, o) for m in methods for t in tasks for o in combos[m]):
-            defaults = {"weight_decay": 0.1, "decay_matrices_only": True} if method == "full" else {}
-            train = _train_dict({**defaults, **tune.get("train", {})}, seed, "tune")
-            config = {"base": base, "method": method, "options": opts, "tasks": [task], "train": train}
-            jobs.append(job("tune", seed, config, deps, {"base_dir": base_dir}))
-    return jobs
-
-
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Worker for sweep jobs: run one pretrain or tune job into job["out_dir"], idempotently.
-
-    A finished run (summary.json present) returns its stored result; otherwise training resumes from the
-    run's last checkpoint, or starts when there is none.
-    """
-    from ctxtune.model import ModelConfig
-    from ctxtune.train.api import pretrain, tune
-    from ctxtune.train.config import TrainConfig
-
-    out = Path(job["out_dir"])
-    if not (out / "summary.json").is_file():
-        train = TrainConfig.from_dict(job["train"])
-        if job["kind"] == "pretrain":
-            pretrain(ModelConfig.from_dict(job["model"]), job["task"], train, out, resume=True)
-        elif job["kind"] == "tune":
-            tune(
-                job["base_dir"], job["method"], job["tasks"], train, job.get("options", {}), out, resume=True
-            )
-        else:
-            raise ConfigError(f"unknown job kind {job['kind']!r}; expected pretrain or tune")
-    return result_of(job, load_json(out / "summary.json"))
-
-
-def result_of(job: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """The result a worker returns: the run's summary and its mean accuracy."""
-    acc = summary.get("accuracy", {})
-    mean = sum(acc.values()) / len(acc) if acc else None
-    return {
-        "id": job["id"],
-        "kind": job["kind"],
-        "out_dir": job["out_dir"],
-        "accuracy": mean,
-        "summary": summary,
+            label = combo_label(method, opts)
+            train = _train(table(tune, "train", "[tune]"), seed, dict(get_method_class(method).train_defaults), "tune")
+            stream = StreamSpec(task, seed=seed, row=f"{label}.{task}")
+            run_spec = RunSpec("tune", method, (stream,), train, options=dict(opts), base=base)
+            check_fits(run_spec, model_cfg)
+            jobs.append(_job("tune", run_spec, runs, deps, resources, {"study": study, "adaptation": label}, identity))
+            if stream.row not in rows:
+                rows.append(stream.row)
+            adaptations.setdefault(label, {"method": method, "options": opts, "tasks": [], "extension": False})
+            if task not in adaptations[label]["tasks"]:
+                adaptations[label]["tasks"].append(task)
+    report_study = {
+        "title": f"Sweep {study}", "paper_ref": "", "summary": "", "notes": {}, "group": "sweep", "analyses": {},
+        "paper": {}, "rows": (["base"] if pre else []) + rows, "claims": [],
+        "bases": {"base": {"task": pre["task"], "model": model_cfg.to_dict()}} if pre else {},
+        "adaptations": adaptations,
     }
+    return {"name": study, "jobs": jobs, "study": report_study}
 
 
-def run_sweep(
-    jobs: list[dict[str, Any]],
-    out_dir: str | Path,
-    executor: Executor | None = None,
-    worker: str = SWEEP_WORKER,
-    on_event: Callable[[Event, dict[str, int]], None] | None = None,
-    store_path: str | Path | None = None,
-) -> dict[str, Any]:
-    """Run the jobs not yet done, record every start, result and failure, write results.json.
-
-    Args:
-        jobs: from `expand`.
-        out_dir: the sweep folder (results.sqlite and results.json go here).
-        executor: how to run them (default: in this process).
-        worker: dotted path of the worker.
-        on_event: called with each event and the counts {"done", "failed", "skipped", "remaining"}.
-        store_path: the SQLite index (default out_dir/results.sqlite; keep it on a local disk).
-
-    Returns:
-        {"out", "done", "failed", "skipped", "runs": [...]} (the content of results.json).
-    """
-    out = Path(out_dir)
-    store = ResultsStore(store_path if store_path is not None else out / "results.sqlite")
-    executor = executor or LocalExecutor()
-    finished = [
-        j for j in jobs if store.is_done(j["config_hash"]) and (Path(j["out_dir"]) / "summary.json").is_file()
-    ]
-    skipped = {j["id"] for j in finished}
-    todo = [j for j in jobs if j["id"] not in skipped]
-    for j in todo:
-        store.record_queued(j)
-    counts = {"done": 0, "failed": 0, "skipped": len(skipped), "remaining": len(todo)}
-
-    def handle(event: Event) -> None:
-        if event.kind == "start":
-            store.record_start(event.job)
-        elif event.kind in ("done", "failed"):
-            assert event.outcome is not None
-            if event.kind == "done":
-                store.record_done(event.job, event.outcome.result or {})
-            else:
-                store.record_failure(event.job, event.outcome.error or "failed")
-            counts[event.kind] += 1
-            counts["remaining"] -= 1
-        if on_event is not None:
-            on_event(event, dict(counts))
-
-    outcomes: dict[str, JobOutcome] = {}
-    try:
-        outcomes = executor.run(todo, worker=worker, on_event=handle, finished=skipped)
-    finally:
-        summary = write_results(out, jobs, store, outcomes)
-    return summary
-
-
-def write_results(
-    out: Path, jobs: list[dict[str, Any]], store: ResultsStore, outcomes: dict[str, JobOutcome]
-) -> dict:
-    """DIR/results.json: one entry per job of this sweep, from the store (what a report reads)."""
-    entries, counts = [], {"done": 0, "failed": 0, "queued": 0, "running": 0}
-    for j in jobs:
-        row = store.get(j["config_hash"]) or {}
-        status = row.get("status", "queued")
-        counts[status] += 1
-        metrics = row.get("metrics") or {}
-        entries.append(
-            {
-                "id": j["id"],
-                "kind": j["kind"],
-                "study": j["study"],
-                "seed": j["seed"],
-                "config_hash": j["config_hash"],
-                "method": j.get("method"),
-                "tasks": j.get("tasks", [j.get("task")]),
-                "status": status,
-                "accuracy": metrics.get("accuracy"),
-                "accuracy_by_task": (metrics.get("summary") or {}).get("accuracy"),
-                "attempts": row.get("attempts", 0),
-                "error": row.get("error"),
-                "out_dir": j["out_dir"],
-                "config": {k: j[k] for k in CONFIG_KEYS if k in j},
-            }
-        )
-    skipped = sum(
-        1 for j, e in zip(jobs, entries, strict=True) if j["id"] not in outcomes and e["status"] == "done"
-    )
-    summary = {
-        "out": str(out),
-        "done": counts["done"],
-        "failed": counts["failed"],
-        "skipped": skipped,
-        "remaining": counts["queued"] + counts["running"],
-        "runs": entries,
-    }
-    atomic_write_json(out / "results.json", summary)
-    return summary
+def _job(kind: str, spec: Any, runs: Path, deps: list[str], resources: dict[str, Any],
+         labels: dict[str, Any], base_identity: str | None = None) -> dict[str, Any]:
+    h = spec.fingerprint(base_identity)
+    return {"id": f"{kind}-{h[:8]}", "kind": "train", "spec": spec.to_dict(), "config_hash": h,
+            "seed": spec.train.seed, "out_dir": str(runs / h[:8]), "depends_on": deps,
+            "resources": dict(resources.get(kind, {})), **labels}
 
 
 def load_spec(path: str | Path) -> tuple[dict[str, Any], str]:
-    """Parse a sweep spec TOML file; returns (spec, default study name = file stem)."""
+    """Parse a sweep spec TOML file; returns (spec, default name = file stem)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep spec not found: {path}")
-    try:
-        return tomllib.loads(path.read_text()), path.stem
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+    return load_toml(path), path.stem
+
+
+def store_recorder(store_path: Path, jobs: list[dict[str, Any]]) -> Any:
+    """Index every job in the SQLite results store; returns the event handler that records starts and ends."""
+    from ctxtune.experiments.jobs import is_finished
+    from ctxtune.experiments.store import ResultsStore
+
+    store = ResultsStore(store_path)
+    for job in jobs:
+        store.record_queued(job)
+        if is_finished(job) and not store.is_done(job["config_hash"]):
+            store.record_done(job, {"stored": True})
+
+    def handle(event: Any) -> None:
+        if event.kind == "start":
+            store.record_start(event.job)
+        elif event.kind == "done" and event.outcome is not None:
+            store.record_done(event.job, event.outcome.result or {})
+        elif event.kind == "failed" and event.outcome is not None:
+            store.record_failure(event.job, event.outcome.error or "failed")
+
+    return handle
+
+
+def run_sweep(plan: dict[str, Any], out: Path, executor: Any, store: Path | None = None, quiet: bool = True,
+              worker: str | None = None, on_event: Any = None) -> dict[str, Any]:
+    """Run an expanded sweep into `out` (results.json, report, SQLite index); returns `run_plan`'s result."""
+    from ctxtune.experiments.pipeline import WORKER, run_plan
+    from ctxtune.report import environment
+
+    document = {"kind": "sweep", "seeds": sorted({j["seed"] for j in plan["jobs"]}), "executor": executor.name,
+                "studies": {plan["name"]: plan["study"]}, "jobs": plan["jobs"], "environment": environment()}
+    recorder = store_recorder(store or out / "results.sqlite", plan["jobs"])
+
+    def handle(event: Any) -> None:
+        recorder(event)
+        if on_event is not None:
+            on_event(event)
+
+    return run_plan(out, document, executor, on_event=handle, quiet=quiet, worker=worker or WORKER)

@@ -1,29 +1,19 @@
-"""Hugging Face bridge: offline loading, context methods attached through attention hooks, PEFT adapters."""
+"""Hugging Face bridge: offline loading, models wrapped for ctxtune's methods and checks, PEFT adapters."""
 
-from ctxtune.hf.attach import (
-    Attachment,
-    attach_prefix,
-    attach_prefix_kv,
-    attach_soft_prompt,
-    disable,
-    enable,
-    hf_layout,
-    random_attachment,
-)
+from ctxtune.hf.backbone import HFBackbone, HFConfig, capture_backbone, disable, enable, hf_layout, load_backbone
 from ctxtune.hf.loading import load_model
-from ctxtune.hf.peft_io import PeftAdapter, attach_peft, load_peft_adapter
+from ctxtune.hf.peft_io import PeftAdapter, load_peft_adapter, peft_method
 
 __all__ = [
-    "Attachment",
+    "HFBackbone",
+    "HFConfig",
     "PeftAdapter",
-    "attach_peft",
-    "attach_prefix",
-    "attach_prefix_kv",
-    "attach_soft_prompt",
+    "capture_backbone",
     "disable",
     "enable",
     "hf_layout",
+    "load_backbone",
     "load_model",
     "load_peft_adapter",
-    "random_attachment",
+    "peft_method",
 ]

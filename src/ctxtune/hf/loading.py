@@ -135,3 +135,26 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]
     if not path.exists():
         raise CtxtuneError(f"model {spec!r} not found: expected a HF folder, a .gguf file or 'smollm2'")
     raise CtxtuneError(f"{spec!r} is neither a HF model folder (config.json) nor a .gguf file")
+
+
+def load_config(spec: str) -> Any:
+    """The Hugging Face config of a model (folder, .gguf file or "smollm2") without loading its weights."""
+    tf = _transformers()
+    if spec == SMOLLM2:
+        folder = cache_dir() / _SMOLLM2_DIR
+        if not (folder / "config.json").is_file():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(smollm2_gguf(), folder)
+        spec = str(folder)
+    path = Path(spec).expanduser()
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if path.is_file() and path.suffix == ".gguf":
+        kwargs["gguf_file"], path = path.name, path.parent
+    elif not (path.is_dir() and (path / "config.json").is_file()):
+        if not path.exists():
+            raise CtxtuneError(f"model {spec!r} not found: expected a HF folder, a .gguf file or 'smollm2'")
+        raise CtxtuneError(f"{spec!r} is neither a HF model folder (config.json) nor a .gguf file")
+    try:
+        return tf.AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CtxtuneError(f"cannot read the model config of {spec}: {' '.join(str(exc).split())[:200]}") from None

@@ -1,4 +1,4 @@
-"""Read PEFT adapter folders (prefix tuning, prompt tuning) into ctxtune's attach format.
+"""Read PEFT adapter folders (prefix tuning, prompt tuning) as ctxtune methods on a Hugging Face model.
 
 Reads `adapter_config.json` and `adapter_model.safetensors` directly (no peft import needed).
 
@@ -8,8 +8,8 @@ d_head (PEFT sizes it to the key/value heads under grouped-query attention). PEF
 layer l's keys, row 2l + 1 its values. The reparameterisation MLP, if any, is folded away at save.
 Prompt tuning saves "prompt_embeddings" [P, d_model]: a soft prompt.
 
-PEFT numbers content after the virtual tokens (positions P..P+T-1), so `attach_peft` defaults to
-positions="shift" to reproduce PEFT's logits; the identity checks hold under either convention.
+PEFT numbers content after the virtual tokens (positions P..P+T-1): `peft_method` gives ctxtune's
+prefix_kv or soft_prompt with position_policy "shift", which reproduces PEFT's logits.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ctxtune.errors import CtxtuneError
-from ctxtune.hf.attach import Attachment, attach_prefix_kv, attach_soft_prompt, hf_layout
 
 _KINDS = {"PREFIX_TUNING": "prefix_kv", "PROMPT_TUNING": "soft_prompt"}
 
@@ -94,13 +92,22 @@ def load_peft_adapter(folder: str | Path) -> PeftAdapter:
     return PeftAdapter(kind, {"key": kv[0::2].contiguous(), "value": kv[1::2].contiguous()}, config)
 
 
-def attach_peft(model: nn.Module, adapter: PeftAdapter | str | Path, positions: str = "shift") -> Attachment:
-    """Attach a PEFT adapter to a HF causal LM through ctxtune's attention hooks (shapes checked)."""
+def peft_method(model: Any, adapter: PeftAdapter | str | Path) -> Any:
+    """The adapter as ctxtune's prefix_kv or soft_prompt (position policy "shift") on `model` (an HFBackbone)."""
+    from ctxtune.methods import make_method
+
     if not isinstance(adapter, PeftAdapter):
         adapter = load_peft_adapter(adapter)
-    lay = hf_layout(model)
-    dtype = lay.embed.weight.dtype
+    method = make_method(adapter.method, model, n_virtual=adapter.n_virtual, position_policy="shift")
+    dtype = next(model.parameters()).dtype
     if adapter.method == "soft_prompt":
-        return attach_soft_prompt(model, adapter.tensors["embeds"].to(dtype), positions)
-    key, value = adapter.tensors["key"].to(dtype), adapter.tensors["value"].to(dtype)
-    return attach_prefix_kv(model, key, value, positions)
+        state = {"virtual": adapter.tensors["embeds"][None].to(dtype)}  # [1, P, d_model]
+    else:
+        key, value = adapter.tensors["key"], adapter.tensors["value"]  # [n_layers, kvh, P, d_head] each
+        table = torch.stack([key, value], dim=1).permute(3, 0, 1, 2, 4)  # [L, 2, kvh, P, d] -> [P, L, 2, kvh, d]
+        state = {"kv": table.reshape(1, table.shape[0], -1).to(dtype)}  # [1, P, 2 * n_layers * kvh * d_head]
+    try:
+        method.load_adapter_state(state)
+    except CtxtuneError as exc:
+        raise CtxtuneError(f"the PEFT adapter does not fit this model: {exc}") from None
+    return method

@@ -21,7 +21,7 @@ moving the content after them by n_virtual (the authors' and PEFT's convention).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 
 from ctxtune.configs import strict_from_dict
 from ctxtune.errors import ConfigError
-from ctxtune.model.gpt import GPT, KVCache, LayerPrefix
+from ctxtune.model.gpt import GPT, LayerPrefix
 
 POSITION_POLICIES = ("keep", "shift")
 
@@ -59,11 +59,25 @@ class Prepared:
 
 
 class Method(nn.Module, ABC):
-    """An adaptation method attached to a GPT. Subclasses set `key` and `config_cls`."""
+    """An adaptation method attached to a GPT. Subclasses set `key` and `config_cls`.
+
+    Method facts (class attributes; code outside `methods/` reads these instead of testing keys):
+        supports_bank: K adapters can train in one batch.
+        saves: "adapter" (adapter.safetensors next to a base run) or "model" (model.safetensors: the
+            whole model changes, so the run is itself a base).
+        identity: what the paper's Section 4 says about the method: "prefix" (virtual keys/values before
+            the content: relative content attention is only rescaled and the bias lies in the span of fixed
+            values, so the identity checks apply), "suffix" (after the input: relative attention holds, the
+            fixed-bias argument does not) or "none" (weights change: the identity does not apply).
+        train_defaults: TrainConfig values a run of this method starts from (flags and specs override).
+    """
 
     key: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
     supports_bank: ClassVar[bool] = True
+    saves: ClassVar[str] = "adapter"
+    identity: ClassVar[str] = "prefix"
+    train_defaults: ClassVar[dict[str, Any]] = {"weight_decay": 0.01}
 
     def __init__(self, model: GPT, config: MethodConfig, n_adapters: int = 1) -> None:
         super().__init__()
@@ -94,6 +108,22 @@ class Method(nn.Module, ABC):
     def content_offset(self, index: int, n_prompt: int) -> int:
         """Position-id offset of the original token at `index` (used when generating)."""
         return 0
+
+    @classmethod
+    def positions_added(cls, config: MethodConfig) -> int:
+        """How many position ids a method with `config` adds to a sequence (0 when its virtual tokens take no
+        position): the one definition the n_ctx checks and generation use."""
+        return 0
+
+    @classmethod
+    def has_position_policy(cls) -> bool:
+        """Whether the method's config has a `position_policy` option ("keep" or "shift")."""
+        return "position_policy" in {f.name for f in fields(cls.config_cls)}
+
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any], tasks: list[Any], seed: int) -> dict[str, Any]:
+        """Options completed from the run's tasks and seed before the config is built (default: as given)."""
+        return dict(options)
 
     def init_adapter(self, k: int, generator: torch.Generator) -> None:  # noqa: B027 - optional hook
         """(Re)initialise adapter k from `generator` (methods without parameters do nothing)."""
@@ -148,7 +178,7 @@ class Method(nn.Module, ABC):
         batch, n_prompt = prompt.shape
         ids = self.routing(adapter_ids, batch)
         prep = self.prepare(prompt, ids, n_prompt)
-        cache = KVCache(self.model.cfg.n_layers)
+        cache = self.model.new_cache()
         out = []
         with self.active(ids):
             logits = self.model(
@@ -161,7 +191,7 @@ class Method(nn.Module, ABC):
                     break
                 index = n_prompt + j
                 pos = torch.full((batch, 1), index + self.content_offset(index, n_prompt), device=prompt.device)
-                logits = self.model(nxt[:, None], position_ids=pos, cache=cache)
+                logits = self.model(nxt[:, None], position_ids=pos, prefix=prep.prefix, cache=cache)
                 nxt = logits[:, -1].argmax(-1)
         return torch.stack(out, dim=1)  # [batch, n_new]
 

@@ -26,6 +26,9 @@ class Full(Method):
     key = "full"
     config_cls = FullConfig
     supports_bank = False
+    saves = "model"
+    identity = "none"
+    train_defaults = {"weight_decay": 0.1, "decay_matrices_only": True}
 
     def __init__(self, model: GPT, config: FullConfig, n_adapters: int = 1) -> None:
         super().__init__(model, config, n_adapters)
@@ -52,15 +55,18 @@ class Full(Method):
         super().detach()
 
 
-def model_state(model: GPT) -> dict[str, torch.Tensor]:
-    """Model tensors with tied weights stored once (safetensors refuses shared storage)."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        state.pop("unembed.weight", None)
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Model tensors with tied weights stored once, under their first name (safetensors refuses shared storage)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor.detach()
     return state
 
 
-def load_model_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a model state, naming any missing, unexpected or mis-shaped tensor."""
     from ctxtune.errors import CheckpointError
 

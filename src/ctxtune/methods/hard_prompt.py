@@ -8,6 +8,7 @@ Trainable: 0. A bank holds K prompts of equal length ([K, n_tokens] buffer). Pos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,6 +61,10 @@ class HardPrompt(Method):
     def content_offset(self, index: int, n_prompt: int) -> int:
         return splice_offset(self.config.position_policy, index, 0, self.prompt_tokens.shape[1])
 
+    @classmethod
+    def positions_added(cls, config: HardPromptConfig) -> int:  # type: ignore[override]
+        return len(config.tokens) if config.position_policy == "shift" else 0
+
 
 @dataclass(frozen=True)
 class InContextConfig(HardPromptConfig):
@@ -68,13 +73,27 @@ class InContextConfig(HardPromptConfig):
 
 @register_method
 class InContext(HardPrompt):
+    """Option `examples` (default 2): the prompt is built from that many solved examples of the first task."""
+
     key = "in_context"
     config_cls = InContextConfig
+
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any], tasks: list[Any], seed: int) -> dict[str, Any]:
+        out = dict(options)
+        examples = out.pop("examples", None)
+        if "tokens" not in out:
+            if not tasks:
+                raise ConfigError("in_context needs a task to draw its solved examples from")
+            out["tokens"] = list(in_context_tokens(tasks[0], 2 if examples is None else examples, seed=seed))
+        elif examples is not None:
+            raise ConfigError("in_context: give either tokens or examples, not both")
+        return out
 
 
 def in_context_tokens(task: object, n_examples: int, seed: int = 0) -> tuple[int, ...]:
     """Encode n_examples solved training examples of `task` (input ++ output each) as one prompt."""
-    if n_examples < 1:
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise ConfigError(f"in-context examples must be at least 1, got {n_examples}")
     gen = torch.Generator().manual_seed(seed)
     batch = task.make_batch(n_examples, gen, split="train")  # type: ignore[attr-defined]

@@ -1,8 +1,10 @@
 """LoRA (Hu et al. 2021): W x + (alpha / r) B A x on selected linear layers, every block.
 
-Targets: q, k, v, o (attention projections), mlp_in, mlp_out. A: [r, d_in] kaiming-uniform (as an
-nn.Linear default), B: [d_out, r] zeros, so the adapted model equals the base at initialisation.
-Trainable: K * n_layers * sum over targets of r * (d_in + d_out). Acts on weights, not the context.
+Targets (roles of a block's linear maps, `model.linear_sites`): q, k, v, o (attention projections), mlp_in,
+mlp_out, and mlp_gate on gated MLPs (Llama). A: [r, d_in] kaiming-uniform (as an nn.Linear default),
+B: [d_out, r] zeros, so the adapted model equals the base at initialisation.
+Trainable: K * n_layers * sum over targets of r * (d_in + d_out), with d_out of k and v = n_kv_heads * d_head
+(grouped-query attention). Acts on weights, not the context.
 Bank: A [K, r, d_in], B [K, d_out, r]; each example uses its adapter's A and B.
 """
 
@@ -21,14 +23,15 @@ from ctxtune.methods.base import Method, MethodConfig
 from ctxtune.methods.registry import register_method
 from ctxtune.model.gpt import GPT
 
-LORA_TARGETS = {
-    "q": ("attn", "q_proj"),
-    "k": ("attn", "k_proj"),
-    "v": ("attn", "v_proj"),
-    "o": ("attn", "o_proj"),
-    "mlp_in": ("mlp", "fc_in"),
-    "mlp_out": ("mlp", "fc_out"),
-}
+LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear map: torch's Linear, or the transposed Conv1D of Hugging Face's GPT-2."""
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D stores [d_in, d_out]
+    return int(d_in), int(d_out)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class LoRAConfig(MethodConfig):
 class LoRALinear(nn.Module):
     """Wraps a frozen nn.Linear; A and B live in the method (not registered here)."""
 
-    def __init__(self, base: nn.Linear, owner: LoRA, name: str) -> None:
+    def __init__(self, base: nn.Module, owner: LoRA, name: str) -> None:
         super().__init__()
         self.base = base
         object.__setattr__(self, "owner", owner)
@@ -71,21 +74,24 @@ class LoRALinear(nn.Module):
 class LoRA(Method):
     key = "lora"
     config_cls = LoRAConfig
+    identity = "none"
     config: LoRAConfig
 
     def __init__(self, model: GPT, config: LoRAConfig, n_adapters: int = 1) -> None:
         super().__init__(model, config, n_adapters)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         self.current_ids: torch.Tensor | None = None
-        self._originals: list[tuple[nn.Module, str, nn.Linear]] = []
-        for layer, block in enumerate(model.blocks):
+        self._originals: list[tuple[nn.Module, str, nn.Module]] = []
+        for layer in range(model.cfg.n_layers):
+            sites = model.linear_sites(layer)
             for target in config.targets:
-                parent_name, attr = LORA_TARGETS[target]
-                parent = getattr(block, parent_name)
-                if parent is None:
-                    raise ConfigError(f"LoRA target {target!r} needs an MLP, but the model has none")
-                base: nn.Linear = getattr(parent, attr)
-                d_out, d_in = base.weight.shape
+                if target not in sites:
+                    raise ConfigError(
+                        f"LoRA target {target!r} does not exist on this model; it has {', '.join(sites)}"
+                    )
+                parent, attr = sites[target]
+                base: nn.Module = getattr(parent, attr)
+                d_in, d_out = linear_dims(base)
                 if config.rank > min(d_in, d_out):
                     raise ConfigError(
                         f"LoRA rank {config.rank} exceeds the width of {target} ({d_out}x{d_in}); "
@@ -112,10 +118,11 @@ class LoRA(Method):
         cfg, r = self.model.cfg, self.config.rank
         sizes = {
             "q": (cfg.d_model, cfg.n_heads * cfg.head_dim),
-            "k": (cfg.d_model, cfg.n_heads * cfg.head_dim),
-            "v": (cfg.d_model, cfg.n_heads * cfg.head_dim),
+            "k": (cfg.d_model, cfg.n_kv_heads * cfg.head_dim),
+            "v": (cfg.d_model, cfg.n_kv_heads * cfg.head_dim),
             "o": (cfg.n_heads * cfg.head_dim, cfg.d_model),
             "mlp_in": (cfg.d_model, cfg.mlp_dim),
+            "mlp_gate": (cfg.d_model, cfg.mlp_dim),
             "mlp_out": (cfg.mlp_dim, cfg.d_model),
         }
         per_layer = sum(r * sum(sizes[t]) for t in self.config.targets)

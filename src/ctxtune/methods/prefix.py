@@ -42,7 +42,11 @@ class PrefixBase(Method):
     config: PrefixConfig
 
     def prefix_offset(self) -> int:
-        return self.config.n_virtual if self.config.position_policy == "shift" else 0
+        return self.positions_added(self.config)
+
+    @classmethod
+    def positions_added(cls, config: PrefixConfig) -> int:  # type: ignore[override]
+        return config.n_virtual if config.position_policy == "shift" else 0
 
     def layer_prefixes(self, adapter_ids: torch.Tensor | None) -> list[LayerPrefix | None]:
         raise NotImplementedError

@@ -4,8 +4,9 @@ Per layer and head, n_virtual keys and values that bypass the layer's norm and p
 reparameterisation (Li and Liang): an embedding [P, d_model] -> Linear(d_model, h) -> tanh ->
 Linear(h, n_layers * 2 * n_heads * d_head), a training aid that still yields free keys and values.
 
-Trainable, without reparameterisation: K * 2 * n_layers * n_virtual * n_heads * d_head.
-With reparameterisation width h: K * (P*d_model + d_model*h + h + h*2*L*n_heads*d_head + 2*L*n_heads*d_head).
+Trainable, without reparameterisation: K * 2 * n_layers * n_virtual * n_kv_heads * d_head (keys and values
+are sized to the key/value heads, as PEFT does under grouped-query attention; n_kv_heads = n_heads on our GPT).
+With reparameterisation width h: K * (P*d_model + d_model*h + h + h*w + w), w = 2*L*n_kv_heads*d_head.
 Prefix keys carry no position; position policy as for `prefix`.
 """
 
@@ -43,7 +44,7 @@ class PrefixKV(PrefixBase):
     def __init__(self, model: GPT, config: PrefixKVConfig, n_adapters: int = 1) -> None:
         super().__init__(model, config, n_adapters)
         cfg, K, P, h = model.cfg, n_adapters, config.n_virtual, config.reparam_dim
-        self.kv_width = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+        self.kv_width = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
         if h == 0:
             self.kv = nn.Parameter(torch.zeros(K, P, self.kv_width, **self.factory))
         else:
@@ -72,7 +73,7 @@ class PrefixKV(PrefixBase):
 
     def expected_num_trainable(self) -> int:
         cfg, P, h = self.model.cfg, self.config.n_virtual, self.config.reparam_dim
-        w = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+        w = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
         per = P * w if h == 0 else P * cfg.d_model + cfg.d_model * h + h + h * w + w
         return self.n_adapters * per
 
@@ -89,6 +90,6 @@ class PrefixKV(PrefixBase):
         cfg = self.model.cfg
         table = self.kv_table(adapter_ids)
         b, P, _ = table.shape
-        kv = table.view(b, P, cfg.n_layers, 2, cfg.n_heads, cfg.head_dim)  # [b, P, L, 2, n_heads, d_head]
-        kv = kv.permute(2, 3, 0, 4, 1, 5)  # [L, 2, b, n_heads, P, d_head]
+        kv = table.view(b, P, cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim)  # [b, P, L, 2, n_kv_heads, d_head]
+        kv = kv.permute(2, 3, 0, 4, 1, 5)  # [L, 2, b, n_kv_heads, P, d_head]
         return [LayerPrefix(key=kv[layer, 0], value=kv[layer, 1]) for layer in range(cfg.n_layers)]

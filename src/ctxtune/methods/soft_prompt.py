@@ -64,3 +64,7 @@ class SoftPrompt(Method):
 
     def content_offset(self, index: int, n_prompt: int) -> int:
         return splice_offset(self.config.position_policy, index, 0, self.config.n_virtual)
+
+    @classmethod
+    def positions_added(cls, config: SoftPromptConfig) -> int:  # type: ignore[override]
+        return config.n_virtual if config.position_policy == "shift" else 0

@@ -31,6 +31,7 @@ class Suffix(SoftPrompt):
 
     key = "suffix"
     config_cls = SuffixConfig
+    identity = "suffix"
 
     def prepare(self, tokens: torch.Tensor, adapter_ids: torch.Tensor | None, n_prompt: int) -> Prepared:
         virtual = self.select(self.virtual, adapter_ids)

@@ -85,6 +85,11 @@ class ModelConfig:
         return self.d_head or self.d_model // self.n_heads
 
     @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads (no grouped-query attention here: one per query head)."""
+        return self.n_heads
+
+    @property
     def mlp_dim(self) -> int:
         return self.d_mlp or 4 * self.d_model
 

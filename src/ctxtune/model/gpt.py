@@ -343,6 +343,23 @@ class GPT(HookedModule):
         x = self.ln_final(x)
         return x if return_hidden else self.unembed(x)
 
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for incremental decoding."""
+        return KVCache(self.cfg.n_layers)
+
+    def attention_modules(self) -> list[nn.Module]:
+        """Each layer's attention module (the theory's weight control perturbs a copy of one)."""
+        return [block.attn for block in self.blocks]
+
+    def linear_sites(self, layer: int) -> dict[str, tuple[nn.Module, str]]:
+        """The block's linear maps by role (q, k, v, o, mlp_in, mlp_out): (parent module, attribute)."""
+        block = self.blocks[layer]
+        sites = {"q": (block.attn, "q_proj"), "k": (block.attn, "k_proj"), "v": (block.attn, "v_proj"),
+                 "o": (block.attn, "o_proj")}
+        if block.mlp is not None:
+            sites.update(mlp_in=(block.mlp, "fc_in"), mlp_out=(block.mlp, "fc_out"))
+        return sites
+
     def num_parameters(self) -> int:
         """Unique parameters (tied tensors once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,6 +1,6 @@
-"""Reports from what runs wrote: results.json, report.md, report.html (schema: docs/results-schema.md).
+"""Reports from what jobs wrote: results.json, report.md, report.html (schema: docs/results-schema.md).
 
-Reads only files (plan.json, run folders, results.json); never imports the trainer.
+Reads only files (plan.json, job folders); never imports torch, the trainer or the models (tested).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ctxtune.report.render import to_html, to_markdown, write_report
 
 
 def build_report(results_dir: str | Path, wall_seconds: float | None = None) -> dict[str, Any]:
-    """Collect the run folders of a reproduce folder into results.json and write report.md and report.html."""
+    """Collect a results folder's jobs into results.json and write report.md and report.html."""
     doc = collect(results_dir, wall_seconds=wall_seconds)
     paths = write_report(doc, results_dir)
     return {"doc": doc, "paths": paths}

@@ -1,8 +1,8 @@
-"""Collect what the runs wrote into results.json (schema: docs/results-schema.md).
+"""Collect what the jobs wrote into results.json (schema: docs/results-schema.md).
 
-Reads only files: DIR/plan.json (written by `ctxtune reproduce` before any job runs: the studies, the
-jobs, the environment) and each job's run folder (summary.json with its `result`, error.json,
-metrics.jsonl). Never imports the trainer, the model or torch.
+Reads only files: DIR/plan.json (written by `run_plan` before any job runs: the studies, the jobs, the
+environment) and each job's folder (summary.json, analysis.json, error.json, metrics.jsonl). Never
+imports the trainer, the model or torch.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ctxtune.claims import holds
 from ctxtune.errors import ConfigError
 
-SCHEMA = "ctxtune.results/1"
-OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+SCHEMA = "ctxtune.results/2"
 
 
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
 
 
@@ -52,15 +52,9 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return {
-        "commit": commit,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or "unknown",
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": ver("torch"),
-        "ctxtune": ver("ctxtune"),
-        "device": device,
+        "commit": commit, "platform": platform.platform(), "machine": platform.machine(),
+        "processor": platform.processor() or "unknown", "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "torch": ver("torch"), "ctxtune": ver("ctxtune"), "device": device,
     }
 
 
@@ -73,15 +67,8 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def _rel(path: str, root: Path) -> str:
-    try:
-        return os.path.relpath(path, root)
-    except ValueError:
-        return path
-
-
-def run_folder(job: dict[str, Any], root: Path) -> Path:
-    """A job's run folder; found under DIR/runs/ also when the results folder was moved or copied."""
+def job_folder(job: dict[str, Any], root: Path) -> Path:
+    """A job's folder; found under DIR/runs/ also when the results folder was moved or copied."""
     out = Path(job["out_dir"])
     if not out.is_absolute():
         return root / out
@@ -94,139 +81,167 @@ def run_folder(job: dict[str, Any], root: Path) -> Path:
     return out
 
 
-def _job_result(job: dict[str, Any], root: Path) -> dict[str, Any]:
-    out = run_folder(job, root)
-    summary = _read_json(out / "summary.json")
-    if isinstance(summary, dict) and isinstance(summary.get("result"), dict):
-        return summary["result"]
-    error = _read_json(out / "error.json")
+def job_result(job: dict[str, Any], root: Path) -> dict[str, Any]:
+    """What a job left: its summary (runs) or analysis record, else its error, else "missing"."""
+    folder = job_folder(job, root)
+    name = "analysis.json" if job["kind"] == "analysis" else "summary.json"
+    done = _read_json(folder / name)
+    if isinstance(done, dict) and done.get("status") == "ok":
+        return done
+    error = _read_json(folder / "error.json")
     if isinstance(error, dict):
-        return {"id": job["id"], "status": error.get("status", "failed"), "error": error.get("error", "failed")}
-    return {"id": job["id"], "status": "missing", "error": "no summary.json or error.json in the run folder"}
+        return {"status": error.get("status", "failed"), "error": error.get("error", "failed"),
+                "seconds": error.get("seconds")}
+    return {"status": "missing", "error": f"no {name} or error.json in the job folder"}
 
 
-def _curve(job: dict[str, Any], root: Path, labels: list[str]) -> dict[str, Any] | None:
-    path = run_folder(job, root) / "metrics.jsonl"
+def curve(job: dict[str, Any], root: Path) -> dict[str, Any] | None:
+    """Training loss and evaluation accuracy against steps, one series per adapter, from metrics.jsonl."""
+    path = job_folder(job, root) / "metrics.jsonl"
     if not path.is_file():
         return None
-    steps, losses = [], []
+    steps, losses, eval_steps, accs = [], [], [], []
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec.get("loss"), list):
+        if isinstance(rec.get("loss"), list) and "note" not in rec:
             steps.append(rec["step"])
             losses.append([round(float(v), 5) for v in rec["loss"]])
-    if not steps:
+        if isinstance(rec.get("eval_accuracy"), list):
+            eval_steps.append(rec["step"])
+            accs.append([round(float(v), 5) for v in rec["eval_accuracy"]])
+    if not steps and not eval_steps:
         return None
-    return {"run": job["id"], "labels": labels, "steps": steps, "loss": losses}
+    streams = job["spec"]["streams"]
+    labels = [f"{s['row'] or s['task']} seed {s['seed']}" for s in streams]
+    return {"run": job["id"], "labels": labels, "steps": steps, "loss": losses, "eval_steps": eval_steps,
+            "eval_accuracy": accs}
+
+
+def run_entry(job: dict[str, Any], res: dict[str, Any], root: Path) -> dict[str, Any]:
+    spec = job.get("spec") or {}
+    return {
+        "id": job["id"], "kind": job["kind"], "status": res.get("status"), "error": res.get("error"),
+        "out_dir": os.path.relpath(job_folder(job, root), root), "seconds": res.get("seconds"),
+        "steps": res.get("steps"), "trainable_per_adapter": res.get("trainable_per_adapter"),
+        "final_loss": res.get("final_loss"),
+        "method": spec.get("method") if spec.get("kind") != "pretrain" else "full (pretraining)",
+        "seeds": sorted({s["seed"] for s in spec.get("streams", [])}) or [job.get("analysis", {}).get("seed")],
+    }
+
+
+def serves(job: dict[str, Any], study: str) -> bool:
+    return job.get("study") == study or study in job.get("rows", {})
+
+
+def study_cells(study: dict[str, Any], name: str, jobs: list[dict[str, Any]],
+                results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    values: dict[str, list[tuple[int, float]]] = {}
+    for job in jobs:
+        res = results[job["id"]]
+        if job["kind"] != "train" or res.get("status") != "ok" or not serves(job, name):
+            continue
+        base_row = job.get("rows", {}).get(name)
+        for r in res.get("rows", []):
+            row = base_row or r["row"]
+            for task, acc in r["accuracy"].items():
+                values.setdefault(f"{row}/{task}", []).append((r["seed"], acc))
+    cells = []
+    order = {row: i for i, row in enumerate(study["rows"])}
+    for cell in sorted(set(values) | set(study["paper"]), key=lambda c: (order.get(c.rpartition("/")[0], 1e9), c)):
+        row, _, task = cell.rpartition("/")
+        pairs = sorted(values.get(cell, []))
+        vals = [v for _, v in pairs]
+        m, s = mean_std(vals)
+        adapt = study["adaptations"].get(row.rpartition(".")[0]) if row not in study["bases"] else None
+        cells.append({
+            "cell": cell, "row": row, "task": task, "method": "pretrained" if adapt is None else adapt["method"],
+            "extension": bool(adapt and adapt.get("extension")), "seeds": [sd for sd, _ in pairs], "values": vals,
+            "mean": m, "std": s, "n": len(vals), "paper": study["paper"].get(cell),
+        })
+    return cells
+
+
+def study_claims(study: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A claim holds when every check holds on every seed (not only on the mean)."""
+    by_cell = {c["cell"]: c for c in cells}
+    claims = []
+    for claim in study["claims"]:
+        checks, verdicts = [], []
+        for ch in claim["checks"]:
+            c = by_cell.get(ch["cell"], {"mean": None, "std": None, "values": []})
+            per_seed = [holds(v, ch["op"], ch["value"]) for v in c["values"]]
+            ok = None if not per_seed else all(per_seed)
+            verdicts.append(ok)
+            checks.append({**ch, "observed_mean": c["mean"], "observed_std": c["std"], "per_seed": c["values"],
+                           "seeds_holding": sum(per_seed), "n": len(per_seed), "holds": ok,
+                           "holds_on_mean": None if c["mean"] is None else holds(c["mean"], ch["op"], ch["value"]),
+                           "paper": study["paper"].get(ch["cell"])})
+        verdict = None if any(v is None for v in verdicts) else all(verdicts)
+        claims.append({"id": claim["id"], "text": claim["text"], "holds": verdict, "checks": checks})
+    return claims
+
+
+def study_analyses(study: dict[str, Any], name: str, jobs: list[dict[str, Any]],
+                   results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for an_name, an in study.get("analyses", {}).items():
+        per_seed = []
+        for job in jobs:
+            info = job.get("analysis", {})
+            if job["kind"] == "analysis" and info.get("study") == name and info.get("name") == an_name:
+                res = results[job["id"]]
+                per_seed.append({"seed": info["seed"], "status": res.get("status"), "error": res.get("error"),
+                                 "result": res.get("result")})
+        out[an_name] = {**an, "per_seed": sorted(per_seed, key=lambda r: r["seed"])}
+    return out
 
 
 def collect(results_dir: str | Path, wall_seconds: float | None = None) -> dict[str, Any]:
-    """Build the results document from DIR/plan.json and the run folders; also writes DIR/results.json."""
+    """Build the results document from DIR/plan.json and the job folders; also writes DIR/results.json."""
     root = Path(results_dir)
     plan = _read_json(root / "plan.json")
-    if not isinstance(plan, dict) or "studies" not in plan or "jobs" not in plan:
-        raise ConfigError(f"{root} is not a reproduce results folder (no valid plan.json)")
+    valid = isinstance(plan, dict) and isinstance(plan.get("studies"), dict) and isinstance(plan.get("jobs"), list)
+    if not valid:
+        raise ConfigError(f"{root} is not a results folder of ctxtune reproduce or sweep (no valid plan.json)")
     jobs = plan["jobs"]
-    results = {j["id"]: _job_result(j, root) for j in jobs}
+    results = {j["id"]: job_result(j, root) for j in jobs}
+    runs = [run_entry(j, results[j["id"]], root) for j in jobs]
     studies: dict[str, Any] = {}
     for name, study in plan["studies"].items():
-        base_rows = {b: spec for b, spec in study["bases"].items()}
-        values: dict[str, dict[str, list[tuple[int, float]]]] = {}
-        runs, curves = [], []
-        for job in jobs:
-            res = results[job["id"]]
-            if job["kind"] == "pretrain" and name in job.get("studies", []):
-                row_names = [b for b, spec in base_rows.items() if spec["job_key"] == job["id"].split("/")[1]]
-            elif job["kind"] == "adapt" and job.get("study") == name:
-                row_names = []
-            else:
-                continue
-            runs.append({
-                "id": job["id"], "kind": job["kind"], "status": res.get("status"), "error": res.get("error"),
-                "out_dir": _rel(str(run_folder(job, root)), root), "seconds": res.get("seconds"),
-                "steps": res.get("steps"),
-                "trainable_per_adapter": res.get("trainable_per_adapter"), "final_loss": res.get("final_loss"),
-                "method": job.get("method", "full (pretraining)"), "seeds": job.get("seeds", [job.get("seed")]),
-            })
-            if job["kind"] == "pretrain":
-                labels = [f"{row_names[0] if row_names else 'base'} (pretraining, seed {job['seed']})"]
-            else:
-                labels = [f"{s['row']} seed {s['seed']}" for s in job["streams"]]
-            curve = _curve(job, root, labels)
-            if curve:
-                curves.append(curve)
-            if res.get("status") != "ok":
-                continue
-            for r in res.get("rows", []):
-                targets = row_names if r["row"] is None else [r["row"]]
-                for row in targets:
-                    for task, acc in r["acc"].items():
-                        values.setdefault(f"{row}/{task}", {}).setdefault("v", []).append((r["seed"], acc))
-        cells = []
-        for cell in _cell_order(study, values):
-            row, _, task = cell.rpartition("/")
-            pairs = sorted(values.get(cell, {}).get("v", []))
-            vals = [v for _, v in pairs]
-            m, s = mean_std(vals)
-            adapt = study["adaptations"].get(row.split(".")[0]) if row not in base_rows else None
-            cells.append({
-                "cell": cell, "row": row, "task": task,
-                "method": "pretrained" if adapt is None else adapt["method"],
-                "extension": bool(adapt and adapt.get("extension")),
-                "seeds": [sd for sd, _ in pairs], "values": vals, "mean": m, "std": s, "n": len(vals),
-                "paper": study["paper"].get(cell),
-            })
-        by_cell = {c["cell"]: c for c in cells}
-        claims = []
-        for claim in study["claims"]:
-            checks, verdicts = [], []
-            for ch in claim["checks"]:
-                c = by_cell.get(ch["cell"], {"mean": None, "std": None, "values": []})
-                ok = None if c["mean"] is None else bool(OPS[ch["op"]](c["mean"], ch["value"]))
-                per_seed = [bool(OPS[ch["op"]](v, ch["value"])) for v in c["values"]]
-                verdicts.append(ok)
-                checks.append({**ch, "observed_mean": c["mean"], "observed_std": c["std"], "per_seed": c["values"],
-                               "seeds_holding": sum(per_seed), "n": len(per_seed), "holds": ok,
-                               "paper": study["paper"].get(ch["cell"])})
-            holds = None if any(v is None for v in verdicts) else all(verdicts)
-            claims.append({"id": claim["id"], "text": claim["text"], "holds": holds, "checks": checks})
+        mine = [j for j in jobs if serves(j, name) or j.get("analysis", {}).get("study") == name]
+        cells = study_cells(study, name, mine, results)
+        study_runs = [r for r, j in zip(runs, jobs, strict=True) if j in mine]
         studies[name] = {
             "title": study["title"], "paper_ref": study["paper_ref"], "summary": study["summary"],
-            "notes": study.get("notes", {}), "config": {"bases": study["bases"], "adaptations": study["adaptations"]},
-            "cells": cells, "claims": claims, "runs": runs, "curves": curves,
-            "seconds": round(sum(r["seconds"] or 0 for r in runs if r["status"] == "ok"), 1),
+            "notes": study.get("notes", {}), "group": study.get("group", "paper"),
+            "config": {"bases": study["bases"], "adaptations": study["adaptations"]},
+            "cells": cells, "claims": study_claims(study, cells), "runs": study_runs,
+            "curves": [c for j in mine if j["kind"] == "train" and (c := curve(j, root))],
+            "analyses": study_analyses(study, name, mine, results),
+            "seconds": round(sum(r["seconds"] or 0 for r in study_runs if r["status"] == "ok"), 1),
         }
     statuses = ("ok", "failed", "skipped", "missing")
     counts = {k: sum(1 for r in results.values() if r.get("status") == k) for k in statuses}
     doc = {
-        "schema": SCHEMA,
+        "schema": SCHEMA, "kind": plan.get("kind", "reproduce"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "scale": plan["scale"], "seeds": plan["seeds"], "step_factor": plan.get("step_factor", 1.0),
+        "scale": plan.get("scale"), "seeds": plan.get("seeds", []), "step_factor": plan.get("step_factor", 1.0),
         "train_override": plan.get("train_override") or {}, "eval_examples_override": plan.get("eval_examples"),
-        "executor": plan.get("executor", "local"), "wall_seconds": wall_seconds if wall_seconds is not None
-        else plan.get("wall_seconds"),
+        "executor": plan.get("executor", "local"),
+        "wall_seconds": wall_seconds if wall_seconds is not None else plan.get("wall_seconds"),
         "compute_seconds": round(sum(r.get("seconds") or 0 for r in results.values()), 1),
         "environment": plan.get("environment") or environment(),
-        "jobs": {"total": len(jobs), **counts},
-        "studies": studies,
+        "jobs": {"total": len(jobs), **counts}, "runs": runs, "studies": studies,
     }
     write_json(root / "results.json", doc)
     return doc
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (temporary file, fsync, rename), without importing torch."""
+    from ctxtune.io import atomic_write_json
 
-
-def _cell_order(study: dict[str, Any], values: dict[str, Any]) -> list[str]:
-    """Cells in a stable order: the study's rows, then evaluation tasks; paper cells without a run too."""
-    rows = study["rows"]
-    cells = set(values) | set(study["paper"])
-    order = {row: i for i, row in enumerate(rows)}
-    return sorted(cells, key=lambda c: (order.get(c.rpartition("/")[0], 1e9), c))
+    atomic_write_json(path, obj, sort_keys=False)

@@ -14,7 +14,7 @@ from ctxtune.theory.attention import (
     decompose,
     tolerance,
 )
-from ctxtune.theory.capture import LayerAttention, capture_gpt, capture_hf
+from ctxtune.theory.capture import LayerAttention, capture_gpt, capture_method
 
 __all__ = [
     "AlphaStats",
@@ -22,7 +22,7 @@ __all__ = [
     "LayerAttention",
     "alpha_stats",
     "capture_gpt",
-    "capture_hf",
+    "capture_method",
     "check_alpha_control",
     "check_attention",
     "check_layer",

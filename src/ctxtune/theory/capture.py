@@ -20,8 +20,10 @@ A leading soft prompt is handled as a prefix: under causal masking the virtual t
 at every layer depend only on the soft prompt, so at each layer they act as fixed prefix keys/values
 for the content queries. Their rows are dropped and their columns become the prefix columns.
 
-Adapters: `capture_gpt` for our GPT (through hook points) and `capture_hf` for Hugging Face causal
-LMs with an attachment from `ctxtune.hf.attach` (through its recording attention function).
+Per model type, one capture function (`register_capture`): `capture_gpt` for our GPT (through hook
+points); `ctxtune.hf.backbone` registers its own for Hugging Face causal LMs (through its recording
+attention function). `capture_method` captures a method on whichever model it is attached to; this
+module never imports the Hugging Face bridge.
 """
 
 from __future__ import annotations
@@ -157,35 +159,8 @@ def capture_gpt(
     return out
 
 
-def capture_hf(
-    model: nn.Module,
-    input_ids: torch.Tensor | None = None,
-    *,
-    inputs_embeds: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    n_soft: int = 0,
-) -> list[LayerAttention]:
-    """Capture every layer of a Hugging Face causal LM run (see `ctxtune.hf.attach`).
-
-    The prefix is whatever is attached to `model` (`attach_prefix`, `attach_prefix_kv`); a soft prompt
-    is given as the first `n_soft` rows of `inputs_embeds`. Unpadded batches only.
-
-    Args:
-        model: a causal LM prepared by `ctxtune.hf.attach.enable` (any attach_* call does this).
-        input_ids: [batch, pos] or
-        inputs_embeds: [batch, n_soft + pos, d_model].
-        position_ids: [batch, n_soft + pos]; content keeps the given ids in the recomputation.
-        n_soft: leading soft-prompt positions to treat as prefix keys.
-    """
-    from ctxtune.hf.attach import capture_layers  # the HF bridge owns the transformers specifics
-
-    return capture_layers(
-        model, input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, n_soft=n_soft
-    )
-
-
 def capture_method(method: nn.Module, tokens: torch.Tensor) -> list[LayerAttention]:
-    """Capture a ctxtune `Method` (prefix, prefix_kv, soft_prompt) on our GPT; tokens [batch, pos].
+    """Capture a ctxtune `Method` (prefix, prefix_kv, soft_prompt) on its model; tokens [batch, pos].
 
     Uses the method's own `prepare` (its position policy included) with adapter 0.
 
@@ -199,8 +174,9 @@ def capture_method(method: nn.Module, tokens: torch.Tensor) -> list[LayerAttenti
         n_soft = prep.embeds.shape[1] - seq
         if not torch.equal(prep.out_index.cpu(), torch.arange(n_soft, n_soft + seq)):
             raise ValueError(f"method {method.key!r} does not place its virtual tokens before the content")
+    capture = capture_for(method.model)
     with method.active(None):
-        return capture_gpt(
+        return capture(
             method.model,
             prep.tokens,
             embeds=prep.embeds,
@@ -208,3 +184,19 @@ def capture_method(method: nn.Module, tokens: torch.Tensor) -> list[LayerAttenti
             prefix=prep.prefix,
             n_soft=n_soft,
         )
+
+
+_CAPTURES: dict[type, Callable[..., list[LayerAttention]]] = {GPT: capture_gpt}
+
+
+def register_capture(model_type: type, fn: Callable[..., list[LayerAttention]]) -> None:
+    """Register how to capture a model type (the signature of `capture_gpt`)."""
+    _CAPTURES[model_type] = fn
+
+
+def capture_for(model: nn.Module) -> Callable[..., list[LayerAttention]]:
+    """The capture function of `model`'s type; a type nobody registered is a ValueError."""
+    for cls in type(model).__mro__:
+        if cls in _CAPTURES:
+            return _CAPTURES[cls]
+    raise ValueError(f"no attention capture for {type(model).__name__}: ctxtune's GPT or ctxtune.hf.backbone models")

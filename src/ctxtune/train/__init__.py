@@ -1,1 +1,7 @@
-"""Training: configuration, the method-agnostic trainer, evaluation, run folders and the high-level API."""
+"""Training: one run boundary. Build a `RunSpec`, call `run(spec, out)`; read run folders with `ctxtune.train.runs`."""
+
+from ctxtune.train.config import TrainConfig
+from ctxtune.train.run import RunResult, run
+from ctxtune.train.spec import EvalSpec, RunSpec, StreamSpec
+
+__all__ = ["EvalSpec", "RunResult", "RunSpec", "StreamSpec", "TrainConfig", "run"]

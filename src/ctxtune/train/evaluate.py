@@ -12,11 +12,7 @@ import torch
 
 from ctxtune.methods.base import Method
 from ctxtune.tasks import Task
-
-
-def eval_seed(seed: int) -> int:
-    """Evaluation data seed, separate from the training stream."""
-    return 1_000_003 * (seed + 1) + 17
+from ctxtune.train.seeds import eval_seed
 
 
 @torch.no_grad()

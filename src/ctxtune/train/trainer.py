@@ -31,6 +31,7 @@ from ctxtune.methods.base import Method
 from ctxtune.tasks import Task
 from ctxtune.train.config import TrainConfig
 from ctxtune.train.evaluate import evaluate
+from ctxtune.train.seeds import stream_seeds
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Stream:
 
 def make_streams(tasks: list[Task], seed: int) -> list[Stream]:
     """Streams for a bank whose adapter k trains on tasks[k]; seeds derive from (seed, k)."""
-    return [Stream(t, data_seed=seed * 1000 + k, init_seed=seed * 1000 + k + 500) for k, t in enumerate(tasks)]
+    return [Stream(t, *stream_seeds(seed, k)) for k, t in enumerate(tasks)]
 
 
 @dataclass

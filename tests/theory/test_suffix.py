@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctxtune.beyond.suffix import capture_suffix, decomposition, fixed_bias_unexplained, input_dependence
 from ctxtune.methods import make_method
 from ctxtune.model import GPT, ModelConfig
+from ctxtune.theory.suffix import capture_suffix, decomposition, fixed_bias_unexplained, input_dependence
 
 
 @pytest.fixture

@@ -15,37 +15,20 @@ and t_i the head output computed WITHOUT the virtual keys on the same layer inpu
 * The suffix position is also a new query over the content: its own output (which predicts the first
   output token) is not the output of any base query (not measured by the identity).
 
-Results JSON (`results/beyond/suffix_vs_prefix.json`, written by `run_study`)::
-
-    {
-      "kind": "suffix_vs_prefix",
-      "scale": "quick",
-      "seconds": float,
-      "bases": {name: {"task": str, "model": ModelConfig dict, "accuracy": float, "seconds": float}},
-      "decomposition": [ {"case": str, "method": str, "layer": int, "attention_err": float,
-                          "output_err": float, "fixed_bias_unexplained": float,
-                          "key_dependence": float, "value_dependence": float, "mean_alpha": float} ],
-      "learning": [ {"case": str, "base": str, "task": str, "method": str, "options": dict,
-                     "trainable": int, "steps": int, "seeds": int, "accuracy": [float per seed],
-                     "final_loss": [float per seed], "seconds": float} ]
-    }
-
-Errors are maxima over heads (attention_err, output_err) or the largest head (the others).
+`decomposition(method, tokens, n_prompt)` gives one `LayerDecomposition` per layer; errors are maxima over
+heads (attention_err, output_err) or the largest head (the others). The study that trains prefixes, soft
+prompts and suffixes at matched budgets and applies this to them is `studies/suffix_vs_prefix.toml`.
 """
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ctxtune.io import atomic_write_json
 from ctxtune.methods import Method
-from ctxtune.model import GPT, ModelConfig
+from ctxtune.model import GPT
 from ctxtune.theory.attention import check_attention, check_output, prefix_mass
 from ctxtune.theory.capture import LayerAttention, _gpt_attention, capture_method
 
@@ -140,7 +123,7 @@ def capture_suffix(method: Method, tokens: torch.Tensor, n_prompt: int) -> list[
 
 def capture_virtual(method: Method, tokens: torch.Tensor, n_prompt: int) -> list[LayerAttention]:
     """`capture_suffix` for a suffix, the theory's `capture_method` for prefixes and soft prompts."""
-    if method.key == "suffix":
+    if method.identity == "suffix":
         return capture_suffix(method, tokens, n_prompt)
     return capture_method(method, tokens)
 
@@ -202,196 +185,3 @@ def decomposition(method: Method, tokens: torch.Tensor, n_prompt: int) -> list[L
             )
         )
     return out
-
-
-# ---------------------------------------------------------------------------------------- the study
-QUICK_BASES: dict[str, dict[str, Any]] = {
-    "ascending_1l": {
-        "task": "ascending",
-        "model": {"n_layers": 1, "n_heads": 1, "d_model": 64, "n_ctx": 32, "act": "relu", "dropout": 0.0},
-        "steps": 1500,
-    },
-    "ascending_2l": {
-        "task": "ascending",
-        "model": {"n_layers": 2, "n_heads": 2, "d_model": 64, "n_ctx": 32, "act": "relu", "dropout": 0.0},
-        "steps": 1500,
-    },
-    "mix_2l": {
-        "task": "mix",
-        "model": {"n_layers": 2, "n_heads": 2, "d_model": 64, "n_ctx": 32, "act": "relu", "dropout": 0.0},
-        "steps": 4000,
-    },
-}
-"""Bases of the quick scale (the reproduce studies' quick models; `ascending_2l` is added so that a
-suffix has a second layer in which its keys/values can depend on the input)."""
-
-QUICK_CASES: list[dict[str, Any]] = [
-    {"case": "descending_from_ascending_1l", "base": "ascending_1l", "task": "descending", "prefix_len": 1},
-    {"case": "descending_from_ascending_2l", "base": "ascending_2l", "task": "descending", "prefix_len": 1},
-    {"case": "double_hist_from_mix", "base": "mix_2l", "task": "double_hist", "prefix_len": 1},
-]
-"""Learning cases. Matched budget: the prefix has n_layers * prefix_len * d_model parameters; the soft
-prompt and suffix get n_virtual = n_layers * prefix_len, i.e. the same count."""
-
-
-def pretrain_config(steps: int, seed: int = 0, eval_examples: int = 500) -> Any:
-    """The reproduce studies' quick pretraining schedule (cosine, lr 3e-3, weight decay 0.1 on matrices)."""
-    from ctxtune.train.config import TrainConfig
-
-    return TrainConfig(
-        steps=steps,
-        lr=3e-3,
-        warmup=100,
-        schedule="cosine",
-        min_lr_ratio=0.1,
-        weight_decay=0.1,
-        decay_matrices_only=True,
-        train_mode=True,
-        seed=seed,
-        eval_examples=eval_examples,
-    )
-
-
-def adapter_config(steps: int, seed: int = 0, eval_examples: int = 500, lr: float = 2e-2) -> Any:
-    """The studies' quick context-method schedule (cosine, lr 2e-2, no weight decay)."""
-    from ctxtune.train.config import TrainConfig
-
-    return TrainConfig(
-        steps=steps,
-        lr=lr,
-        warmup=50,
-        schedule="cosine",
-        min_lr_ratio=0.1,
-        weight_decay=0.0,
-        seed=seed,
-        eval_examples=eval_examples,
-    )
-
-
-def get_base(name: str, spec: dict[str, Any], bases_dir: Path) -> tuple[GPT, dict[str, Any]]:
-    """Load the base run `bases_dir/name`, or pretrain it there first."""
-    from ctxtune.train.api import pretrain
-    from ctxtune.train.runs import load_base_model
-
-    run = bases_dir / name
-    if (run / "model.safetensors").is_file():
-        import json
-
-        summary = json.loads((run / "summary.json").read_text())
-        return load_base_model(run), {"accuracy": summary["accuracy"][spec["task"]], "seconds": summary["seconds"]}
-    model, res = pretrain(ModelConfig(**spec["model"]), spec["task"], pretrain_config(spec["steps"]), out_dir=run)
-    return model, {"accuracy": res.accuracy[0], "seconds": res.seconds}
-
-
-def run_study(
-    out_file: Path,
-    bases_dir: Path,
-    steps: int = 800,
-    seeds: int = 2,
-    eval_examples: int = 500,
-    n_decomp: int = 64,
-    cases: list[dict[str, Any]] | None = None,
-    bases: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Learning comparison at matched budgets plus the decomposition of the trained adapters.
-
-    Seeds are stacked as an adapter bank (one adapter per seed, same task). The decomposition uses the
-    adapter of seed 0 on `n_decomp` test examples, in float64.
-
-    Returns:
-        The results object (also written to `out_file`, schema in the module docstring).
-    """
-    from ctxtune.tasks import get_task
-    from ctxtune.train.api import tune
-
-    t0 = time.time()
-    cases = QUICK_CASES if cases is None else cases
-    bases = QUICK_BASES if bases is None else bases
-    result: dict[str, Any] = {
-        "kind": "suffix_vs_prefix",
-        "scale": "quick",
-        "bases": {},
-        "decomposition": [],
-        "learning": [],
-    }
-    loaded: dict[str, GPT] = {}
-    for case in cases:
-        name = case["base"]
-        if name not in loaded:
-            loaded[name], info = get_base(name, bases[name], bases_dir)
-            result["bases"][name] = {"task": bases[name]["task"], "model": bases[name]["model"], **info}
-        base = loaded[name]
-        n_layers = base.cfg.n_layers
-        task = get_task(case["task"])
-        batch = task.make_batch(n_decomp, torch.Generator().manual_seed(123), split="test")
-        budgets = {
-            "prefix": {"n_virtual": case["prefix_len"]},
-            "soft_prompt": {"n_virtual": n_layers * case["prefix_len"], "init": "randn"},
-            "suffix": {"n_virtual": n_layers * case["prefix_len"], "init": "randn"},
-        }
-        for key, options in budgets.items():
-            model = copy.deepcopy(base)
-            start = time.time()
-            method, res = tune(model, key, [case["task"]] * seeds, adapter_config(steps, 0, eval_examples), options)
-            result["learning"].append(
-                {
-                    "case": case["case"],
-                    "base": name,
-                    "task": case["task"],
-                    "method": key,
-                    "options": options,
-                    "trainable": method.num_trainable() // seeds,
-                    "steps": steps,
-                    "seeds": seeds,
-                    "accuracy": res.accuracy,
-                    "final_loss": res.final_loss,
-                    "seconds": round(time.time() - start, 1),
-                }
-            )
-            method.double()
-            model.double().eval()
-            tokens = batch.tokens
-            single = _first_adapter(method)
-            for row in decomposition(single, tokens, batch.n_prompt):
-                result["decomposition"].append({"case": case["case"], **row.to_dict()})
-    result["seconds"] = round(time.time() - t0, 1)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_file, result)
-    return result
-
-
-def _first_adapter(method: Method) -> Method:
-    """A single-adapter copy of a bank's adapter 0 on the same model."""
-    from ctxtune.methods import make_method
-
-    single = make_method(method.key, method.model, 1, **method.config.to_dict())
-    state = {k: v[:1].clone() for k, v in method.adapter_state().items()}
-    single.load_adapter_state(state)
-    return single
-
-
-def summarize(result: dict[str, Any]) -> str:
-    """Markdown tables of a `run_study` result."""
-    lines = [
-        "| case | method | layer | attention err | output err | fixed-bias unexplained | "
-        "key dep. | value dep. | mean alpha |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["decomposition"]:
-        lines.append(
-            f"| {r['case']} | {r['method']} | {r['layer'] + 1} | {r['attention_err']:.1e} | {r['output_err']:.1e} | "
-            f"{r['fixed_bias_unexplained']:.3g} | {r['key_dependence']:.3g} | {r['value_dependence']:.3g} | "
-            f"{r['mean_alpha']:.3f} |"
-        )
-    lines += [
-        "",
-        "| case | task | method | trainable | steps | accuracy per seed | mean |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in result["learning"]:
-        accs = ", ".join(f"{100 * a:.1f}%" for a in r["accuracy"])
-        mean = 100 * sum(r["accuracy"]) / len(r["accuracy"])
-        lines.append(
-            f"| {r['case']} | {r['task']} | {r['method']} | {r['trainable']} | {r['steps']} | {accs} | {mean:.1f}% |"
-        )
-    return "\n".join(lines)

@@ -31,7 +31,7 @@ Conditions (what the measurements show):
 * Discontinuous f (a step): every prefix output is a continuous function of the input, so the sup error
   cannot go below half the jump; it stalls near 1 for sign(theta). The L2 error still -> 0 (~ P^-1/2).
 
-Results JSON (`results/beyond/universal.json`)::
+Results JSON (`results/beyond/universal.json`; rendered by ctxtune.report.sections)::
 
     {"kind": "universal", "targets": [str], "P": [int], "mode": "kernel"|"fit", "c": float,
      "errors": {target: {"sup": [float per P], "l2": [float per P]}},
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -239,44 +238,3 @@ def approximation_study(
         "l2": [e[1] for e in fixed],
     }
     return out
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Log-log plot of sup (solid) and L2 (dashed) error against P, plus the fixed-kappa ablation."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ps = result["P"]
-    for i, name in enumerate(result["targets"]):
-        color = f"C{i}"
-        ax.loglog(ps, result["errors"][name]["sup"], "-o", color=color, label=f"{name} sup")
-        ax.loglog(ps, result["errors"][name]["l2"], "--", color=color, label=f"{name} L2")
-    fk = result["fixed_kappa"]
-    ax.loglog(ps, fk["sup"], ":k", label=f"{fk['target']} sup, kappa fixed at {fk['kappa']:g}")
-    ax.set_xlabel("prefix length P")
-    ax.set_ylabel("error")
-    ax.set_title(f"Prefixing one fixed attention head ({result['mode']})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def summarize(result: dict[str, Any]) -> str:
-    """Markdown table of sup / L2 errors against P."""
-    ps = result["P"]
-    head = "| target | error | " + " | ".join(f"P={p}" for p in ps) + " | slope |"
-    lines = [head, "|" + "---|" * (len(ps) + 3)]
-    for name in result["targets"]:
-        for kind in ("sup", "l2"):
-            vals = " | ".join(f"{v:.2e}" for v in result["errors"][name][kind])
-            sl = result["slopes"].get(name, {}).get(kind, float("nan"))
-            lines.append(f"| {name} | {kind} | {vals} | {sl:.2f} |")
-    fk = result["fixed_kappa"]
-    vals = " | ".join(f"{v:.2e}" for v in fk["sup"])
-    lines.append(f"| {fk['target']} (kappa fixed {fk['kappa']:g}) | sup | {vals} | |")
-    return "\n".join(lines)

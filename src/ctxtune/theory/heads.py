@@ -1,7 +1,7 @@
 """Will a prefix be enough? Fit a cheap LoRA, then ask per head whether a prefix could express its change.
 
-Procedure (`diagnose`):
-1. Fit LoRA (rank r on q, k, v, o of every block; a few hundred steps) on the task, on a copy of the base.
+Procedure (`ctxtune diagnose`; the orchestration is `ctxtune.experiments.analyses`):
+1. Fit LoRA (rank r on q, k, v, o of every block; a few hundred steps) on the task: an ordinary run.
 2. On test examples, take each layer's input x^ft from the ADAPTED run and feed the same x^ft to the
    base attention and to the adapted attention (the per-layer comparison the paper's identity needs:
    same layer input, same position ids). For every head h and query i get the head's contribution to
@@ -30,28 +30,18 @@ Procedure (`diagnose`):
    calibration, not an out-of-sample test; see docs/suffix-vs-prefix.md (a LoRA is also free to change more
    than needed, and a new pattern needed only in a deeper layer would be missed).
 
-Validation JSON (`results/beyond/diagnose_validation.json`, written by `validate`)::
-
-    {"kind": "diagnose_validation", "thresholds": {...},
-     "cases": [{"case": str, "base": str, "task": str, "expected": "success"|"failure" (the paper's outcome),
-                "diagnosis": Diagnosis.to_dict(), "predicted": "success"|"failure", "agrees_with_paper": bool,
-                "prefix": {"options": dict, "steps": int, "accuracy": float, "seconds": float},
-                "agrees_with_our_prefix": bool}],
-     "agreement_paper": "k/n", "agreement_ours": "k/n"}
+The validation (does the verdict agree with a trained prefix on labelled cases?) is the study spec
+`studies/diagnose_validation.toml`: its cases are runs, its verdicts the "diagnose" analysis.
 """
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ctxtune.errors import ConfigError
-from ctxtune.io import atomic_write_json
 from ctxtune.methods import Method
 from ctxtune.model import GPT
 from ctxtune.theory.capture import _gpt_attention
@@ -189,75 +179,12 @@ def analyse(base: GPT, method: Method, tokens: torch.Tensor, first_row: int = 0)
     return out
 
 
-def diagnose(
-    base: GPT | str | Path,
-    task: str,
-    steps: int = 300,
-    rank: int = 4,
-    lr: float = 1e-2,
-    seed: int = 0,
-    n_examples: int = 256,
-    eval_examples: int = 500,
-) -> Diagnosis:
-    """Fit LoRA on `task` and diagnose whether a prefix could express the change (module docstring).
-
-    Args:
-        base: a GPT or a pretrain run folder.
-        task: task name.
-        steps: LoRA training steps.
-        rank: LoRA rank (targets q, k, v, o; alpha = rank).
-        lr: LoRA learning rate (cosine schedule).
-        seed: training seed.
-        n_examples: test examples for the analysis.
-        eval_examples: test examples for the LoRA's accuracy.
-    """
-    from ctxtune.tasks import get_task
-    from ctxtune.train.api import tune
-    from ctxtune.train.config import TrainConfig
-    from ctxtune.train.runs import load_base_model
-
-    task_obj = get_task(task)
-    if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"--steps must be a positive integer, got {steps!r}")
-    model = base if isinstance(base, GPT) else load_base_model(base)
-    frozen = copy.deepcopy(model).eval()
-    work = copy.deepcopy(model)
-    cfg = TrainConfig(
-        steps=steps,
-        lr=lr,
-        warmup=min(20, steps // 10),
-        schedule="cosine",
-        min_lr_ratio=0.1,
-        weight_decay=0.0,
-        seed=seed,
-        eval_examples=eval_examples,
-    )
-    t0 = time.time()
-    method, res = tune(work, "lora", [task], cfg, {"rank": rank, "alpha": float(rank), "targets": ["q", "k", "v", "o"]})
-    fit_s = time.time() - t0
-    t1 = time.time()
-    batch = task_obj.make_batch(n_examples, torch.Generator().manual_seed(seed + 99), split="test")
-    heads = analyse(frozen, method, batch.tokens[:, :-1], batch.n_prompt - 1)
+def verdict(heads: list[HeadDiagnosis]) -> tuple[list[str], str]:
+    """(flagged head labels, verdict sentence) from the per-head diagnosis (step 4 of the module docstring)."""
     flagged = [h.label for h in heads if h.needs_new_attention]
-    verdict = (
-        "a prefix can express this change"
-        if not flagged
-        else "these heads need new attention patterns: " + ", ".join(flagged)
-    )
-    return Diagnosis(
-        task=task,
-        steps=steps,
-        rank=rank,
-        lora_accuracy=res.accuracy[0],
-        lora_loss=res.final_loss[0],
-        heads=heads,
-        flagged=flagged,
-        verdict=verdict,
-        prefix_ok=not flagged,
-        seconds_fit=round(fit_s, 2),
-        seconds_analysis=round(time.time() - t1, 2),
-        thresholds={"change_min": CHANGE_MIN, "tv_min": TV_MIN, "unexplained_min": UNEXPLAINED_MIN},
-    )
+    if not flagged:
+        return flagged, "a prefix can express this change"
+    return flagged, "these heads need new attention patterns: " + ", ".join(flagged)
 
 
 def table(diag: Diagnosis) -> str:
@@ -313,122 +240,3 @@ def heatmap(diag: Diagnosis, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-VALIDATION_CASES: list[dict[str, Any]] = [
-    {
-        "case": "descending_from_ascending",
-        "base": "ascending_1l",
-        "task": "descending",
-        "expected": "failure",
-        "prefix": {"n_virtual": 1},
-    },
-    {
-        "case": "double_hist_from_mix",
-        "base": "mix_2l",
-        "task": "double_hist",
-        "expected": "failure",
-        "prefix": {"n_virtual": 10},
-    },
-    {
-        "case": "elicit_ascending_from_mix",
-        "base": "mix_2l",
-        "task": "ascending",
-        "expected": "success",
-        "prefix": {"n_virtual": 1},
-    },
-    {
-        "case": "ascending_add1_from_mix",
-        "base": "mix_2l",
-        "task": "ascending_add1",
-        "expected": "success",
-        "prefix": {"n_virtual": 10},
-    },
-]
-"""The studies' cases, with the paper's prefix outcome and the studies' quick prefix length."""
-
-
-def validate(
-    bases_dir: Path,
-    out_file: Path,
-    steps: int = 300,
-    rank: int = 4,
-    prefix_steps: int = 800,
-    cases: list[dict[str, Any]] | None = None,
-    eval_examples: int = 500,
-) -> dict[str, Any]:
-    """Diagnose every case first (no prefix trained yet), then train the prefixes and compare.
-
-    Bases are pretrain run folders `bases_dir/<base>` (see `ctxtune.beyond.suffix.QUICK_BASES`; missing
-    ones are pretrained there).
-    """
-    from ctxtune.beyond.suffix import QUICK_BASES, adapter_config, get_base
-    from ctxtune.train.api import tune
-
-    cases = VALIDATION_CASES if cases is None else cases
-    bases: dict[str, GPT] = {}
-    rows = []
-    for case in cases:  # 1. every diagnosis before any prefix is trained
-        if case["base"] not in bases:
-            bases[case["base"]] = get_base(case["base"], QUICK_BASES[case["base"]], bases_dir)[0]
-        diag = diagnose(bases[case["base"]], case["task"], steps=steps, rank=rank, eval_examples=eval_examples)
-        predicted = "success" if diag.prefix_ok else "failure"
-        rows.append(
-            {
-                **{k: case[k] for k in ("case", "base", "task", "expected")},
-                "diagnosis": diag.to_dict(),
-                "predicted": predicted,
-                "agrees_with_paper": predicted == case["expected"],
-            }
-        )
-    for case, row in zip(cases, rows, strict=True):  # 2. then the prefixes
-        start = time.time()
-        model = copy.deepcopy(bases[case["base"]])
-        _, res = tune(model, "prefix", [case["task"]], adapter_config(prefix_steps, 0, eval_examples), case["prefix"])
-        acc = res.accuracy[0]
-        row["prefix"] = {
-            "options": case["prefix"],
-            "steps": prefix_steps,
-            "accuracy": acc,
-            "seconds": round(time.time() - start, 1),
-        }
-        ours = "success" if acc >= SUCCESS_ACCURACY else "failure"
-        row["agrees_with_our_prefix"] = ours == row["predicted"]
-    result = {
-        "kind": "diagnose_validation",
-        "thresholds": {
-            "change_min": CHANGE_MIN,
-            "tv_min": TV_MIN,
-            "unexplained_min": UNEXPLAINED_MIN,
-            "success_accuracy": SUCCESS_ACCURACY,
-        },
-        "cases": rows,
-        "agreement_paper": f"{sum(r['agrees_with_paper'] for r in rows)}/{len(rows)}",
-        "agreement_ours": f"{sum(r['agrees_with_our_prefix'] for r in rows)}/{len(rows)}",
-    }
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_file, result)
-    return result
-
-
-def summarize(result: dict[str, Any]) -> str:
-    """Markdown agreement table of a `validate` result."""
-    lines = [
-        "| case | paper's prefix | diagnosis (flagged heads) | LoRA acc. | diagnose cost | our prefix acc. | "
-        "prefix cost |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in result["cases"]:
-        d = r["diagnosis"]
-        flagged = ", ".join(d["flagged"]) or "none"
-        lines.append(
-            f"| {r['case']} | {r['expected']} | {r['predicted']} ({flagged}) | {100 * d['lora_accuracy']:.1f}% | "
-            f"{d['seconds_fit'] + d['seconds_analysis']:.0f} s | {100 * r['prefix']['accuracy']:.1f}% | "
-            f"{r['prefix']['seconds']:.0f} s |"
-        )
-    lines.append("")
-    lines.append(
-        f"Agreement with the paper's outcomes: {result['agreement_paper']}; with our quick-scale prefixes: "
-        f"{result['agreement_ours']}."
-    )
-    return "\n".join(lines)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ctxtune.beyond.universal import (
+from ctxtune.constructions.universal import (
     TARGETS,
     approximation_study,
     errors,
@@ -15,9 +15,9 @@ from ctxtune.beyond.universal import (
     fixed_head,
     head_output,
     kernel_prefix,
-    plot,
 )
 from ctxtune.errors import ConfigError
+from ctxtune.report.sections import universal_plot as plot
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,15 @@
-"""The diagnostic's pieces: the prefix-form fit, the per-head analysis, the verdict rule, the report section."""
+"""The diagnostic's pieces: the prefix-form fit, the per-head analysis, the verdict rule."""
 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from ctxtune.beyond import beyond_section
-from ctxtune.beyond.diagnose import TV_MIN, analyse, fit_prefix_form
 from ctxtune.methods import make_method
 from ctxtune.model import GPT, ModelConfig
+from ctxtune.theory.heads import TV_MIN, analyse, fit_prefix_form, verdict
 
 
 def test_fit_prefix_form_recovers_exact_prefix_data() -> None:
@@ -68,54 +65,6 @@ def test_analyse_flags_a_first_layer_query_key_change(setup: tuple) -> None:
     first = [h for h in heads if h.layer == 0]
     assert all(h.attention_tv >= TV_MIN for h in first) and all(h.needs_new_attention for h in first)
     assert not any(h.needs_new_attention for h in heads if h.layer == 1)  # deeper heads are never flagged
-
-
-def test_beyond_section_renders_and_tolerates_missing(tmp_path: Path) -> None:
-    assert "No results" in beyond_section(tmp_path)
-    from ctxtune.beyond.universal import approximation_study
-
-    (tmp_path / "universal.json").write_text(json.dumps(approximation_study(["abs"], (2, 4))))
-    text = beyond_section(tmp_path)
-    assert text.startswith("## Beyond the paper") and "| abs | sup |" in text
-
-
-@pytest.mark.slow
-def test_suffix_study_and_validation_pipeline(tmp_path: Path) -> None:
-    from ctxtune.beyond.diagnose import validate
-    from ctxtune.beyond.suffix import run_study
-
-    model = {"n_layers": 2, "n_heads": 2, "d_model": 16, "n_ctx": 32, "act": "relu", "dropout": 0.0}
-    bases = {"tiny": {"task": "ascending", "model": model, "steps": 5}}
-    cases = [{"case": "c", "base": "tiny", "task": "descending", "prefix_len": 1}]
-    res = run_study(
-        tmp_path / "s.json", tmp_path / "bases", steps=3, seeds=2, eval_examples=8, n_decomp=8, cases=cases, bases=bases
-    )
-    assert {r["method"] for r in res["learning"]} == {"prefix", "soft_prompt", "suffix"}
-    sfx = [r for r in res["decomposition"] if r["method"] == "suffix"]
-    assert sfx[0]["fixed_bias_unexplained"] < 1e-20 and sfx[1]["value_dependence"] > 0
-    import ctxtune.beyond.suffix as sfx_mod
-
-    sfx_mod.QUICK_BASES["tiny_test"] = bases["tiny"]
-    try:
-        val = validate(
-            tmp_path / "bases",
-            tmp_path / "v.json",
-            steps=3,
-            prefix_steps=3,
-            eval_examples=8,
-            cases=[
-                {
-                    "case": "c",
-                    "base": "tiny_test",
-                    "task": "descending",
-                    "expected": "failure",
-                    "prefix": {"n_virtual": 1},
-                }
-            ],
-        )
-    finally:
-        del sfx_mod.QUICK_BASES["tiny_test"]
-    assert val["cases"][0]["predicted"] in ("success", "failure") and "/" in val["agreement_paper"]
-    (tmp_path / "suffix_vs_prefix.json").write_text((tmp_path / "s.json").read_text())
-    (tmp_path / "diagnose_validation.json").write_text((tmp_path / "v.json").read_text())
-    assert "| c |" in beyond_section(tmp_path)
+    flagged, sentence = verdict(heads)
+    assert flagged == [h.label for h in first] and sentence.startswith("these heads need new attention patterns")
+    assert verdict([]) == ([], "a prefix can express this change")

@@ -1,0 +1,199 @@
+"""Expand study specs into jobs: training runs (a RunSpec each) and analyses, with their dependencies.
+
+Seeds. A base with `per_seed = true` is pretrained once per seed; otherwise one base (seed `base_seed`)
+serves every seed. Bases with the same `share` id and the same configuration at a scale are one run, also
+across studies. An adaptation with `stack_seeds = true` trains the adapters of all seeds as one bank (on a
+shared base); adapter k of seed s draws its data and initialisation from `stream_seeds(s, k)` exactly as a
+separate run of seed s would, so stacking changes the speed only (tested in the trainer).
+
+Evaluation. Every adapter is evaluated on its evaluation tasks with `eval_examples` fresh test examples,
+teacher-forced (the same verdict as greedy decoding at one forward pass); the trainer's own final greedy
+check uses at most TRAINER_EVAL_CAP examples.
+
+A job is JSON (ctxtune.experiments.jobs): {"id", "kind": "train" | "analysis", "out_dir", "depends_on",
+...}; training jobs carry "spec" (RunSpec.to_dict()) and report labels: "rows" (pretraining: study -> base
+name) or "study" and "adaptation".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ctxtune.errors import ConfigError
+from ctxtune.experiments.spec import AdaptationSpec, BaseSpec, StudySpec
+
+TRAINER_EVAL_CAP = 256
+SCALED_TRAIN_KEYS = ("steps", "warmup", "eval_every", "checkpoint_every")
+
+
+def scaled_train(train: dict[str, Any], factor: float, override: dict[str, Any] | None) -> dict[str, Any]:
+    """Train table with every step count multiplied by `factor` (at least 1 step), then `override`."""
+    out = dict(train)
+    if factor != 1.0:
+        for key in SCALED_TRAIN_KEYS:
+            if out.get(key):
+                out[key] = max(1, int(math.ceil(out[key] * factor))) if key == "steps" else int(out[key] * factor)
+    out.update(override or {})
+    if out.get("warmup", 0) >= out.get("steps", 1000):
+        out["warmup"] = 0
+    if out.get("log_every", 10) > out.get("steps", 1000):
+        out["log_every"] = 1
+    return out
+
+
+def base_key(study: str, base: BaseSpec, scale: str) -> str:
+    """Folder key of a base: "<share>-<hash of its configuration>" when shared, so that studies naming the
+    same share id reuse one run exactly when their configurations at this scale agree."""
+    if not base.share:
+        return f"{study}.{base.name}"
+    s = base.scales[scale]
+    blob = json.dumps({"task": base.task, "model": s.model, "train": s.train, "per_seed": base.per_seed,
+                       "base_seed": base.base_seed}, sort_keys=True)
+    return f"{base.share}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+class Expansion:
+    """The jobs of a list of studies at one scale (`expand` is the entry point)."""
+
+    def __init__(self, scale: str, seeds: int, out: Path, common: dict[str, Any], step_factor: float,
+                 train_override: dict[str, Any] | None, eval_examples: int | None) -> None:
+        self.scale, self.seeds, self.out, self.common = scale, seeds, out, common
+        self.step_factor, self.train_override, self.eval_examples = step_factor, train_override, eval_examples
+        self.bases: dict[str, dict[str, Any]] = {}
+        self.others: list[dict[str, Any]] = []
+
+    def train_table(self, table: dict[str, Any], seed: int) -> tuple[dict[str, Any], int]:
+        train = scaled_train(table, self.step_factor, self.train_override)
+        train["seed"] = seed
+        n_eval = int(self.eval_examples or train.get("eval_examples", 3200))
+        train["eval_examples"] = min(n_eval, TRAINER_EVAL_CAP)
+        return train, n_eval
+
+    def spec(self, **fields: Any) -> dict[str, Any]:
+        from ctxtune.train.config import TrainConfig
+        from ctxtune.train.spec import EvalSpec, RunSpec
+
+        spec = RunSpec(train=TrainConfig.from_dict(fields.pop("train")), eval=EvalSpec(fields.pop("n_eval")),
+                       device=self.common["device"], threads=self.common["threads"], **fields)
+        return spec
+
+    def add_base(self, study: StudySpec, b: BaseSpec) -> dict[int, str]:
+        """Pretraining jobs of base `b`; returns seed -> job id."""
+        from ctxtune.model import ModelConfig
+        from ctxtune.train.spec import StreamSpec
+
+        s = b.scales[self.scale]
+        key = base_key(study.name, b, self.scale)
+        ids: dict[int, str] = {}
+        for seed in range(self.seeds) if b.per_seed else [b.base_seed]:
+            job_id = f"base/{key}/s{seed}"
+            if job_id in self.bases:
+                job = self.bases[job_id]
+                job["rows"][study.name] = b.name
+                spec = job["spec"]
+                extra = [t for t in b.eval_tasks if t not in spec["streams"][0]["eval_tasks"]]
+                spec["streams"][0]["eval_tasks"] += extra
+            else:
+                train, n_eval = self.train_table(s.train, seed)
+                stream = StreamSpec(b.task, seed=seed, eval_tasks=tuple(b.eval_tasks), row=b.name)
+                spec = self.spec(kind="pretrain", method="full", streams=(stream,), train=train, n_eval=n_eval,
+                                 model=ModelConfig.from_dict(s.model))
+                self.bases[job_id] = {"id": job_id, "kind": "train", "spec": spec.to_dict(),
+                                      "out_dir": str(self.out / "runs" / "bases" / f"{key}-s{seed}"),
+                                      "depends_on": [], "rows": {study.name: b.name}}
+            for sd in range(self.seeds):
+                if not b.per_seed or sd == seed:
+                    ids[sd] = job_id
+        return ids
+
+    def add_adaptation(self, study: StudySpec, a: AdaptationSpec, base_ids: dict[int, str]) -> dict[int, str]:
+        """Tuning jobs of adaptation `a`; returns seed -> job id."""
+        from ctxtune.model import ModelConfig
+        from ctxtune.train.spec import StreamSpec, check_fits
+
+        s = a.scales[self.scale]
+        groups = [list(range(self.seeds))] if a.stack_seeds else [[sd] for sd in range(self.seeds)]
+        ids: dict[int, str] = {}
+        for group in groups:
+            base_job = self.bases[base_ids[group[0]]]
+            train, n_eval = self.train_table(s.train, group[0])
+            streams = tuple(StreamSpec(t, seed=sd, index=k, eval_tasks=tuple(a.eval_tasks or [t]), row=f"{a.name}.{t}")
+                            for sd in group for k, t in enumerate(a.tasks))
+            spec = self.spec(kind="tune", method=a.method, streams=streams, train=train, n_eval=n_eval,
+                             options=dict(s.options), base=base_job["out_dir"])
+            check_fits(spec, ModelConfig.from_dict(base_job["spec"]["model"]))
+            tag = f"s{group[0]}" if len(group) == 1 else f"s{group[0]}-{group[-1]}"
+            job_id = f"{study.name}/{a.name}/{tag}"
+            self.others.append({"id": job_id, "kind": "train", "spec": spec.to_dict(),
+                                "out_dir": str(self.out / "runs" / study.name / f"{a.name}-{tag}"),
+                                "depends_on": [base_job["id"]], "study": study.name, "adaptation": a.name})
+            ids.update({sd: job_id for sd in group})
+        return ids
+
+    def add_study(self, study: StudySpec) -> None:
+        if self.scale not in study.scales:
+            raise ConfigError(f"study {study.name!r} has no scale {self.scale!r}; it has: {', '.join(study.scales)}")
+        base_ids = {b.name: self.add_base(study, b) for b in study.bases.values()}
+        runs = {a.name: self.add_adaptation(study, a, base_ids[a.base]) for a in study.adaptations.values()}
+        by_id = {j["id"]: j for j in self.others}
+        for an in study.analyses.values():
+            for seed in range(self.seeds):
+                deps = [runs[name][seed] for name in an.adaptations]
+                self.others.append({
+                    "id": f"{study.name}/analysis.{an.name}/s{seed}", "kind": "analysis",
+                    "analysis": {"kind": an.kind, "name": an.name, "study": study.name, "seed": seed,
+                                 "options": dict(an.options)},
+                    "inputs": [{"adaptation": name, "out_dir": by_id[d]["out_dir"]}
+                               for name, d in zip(an.adaptations, deps, strict=True)],
+                    "out_dir": str(self.out / "runs" / study.name / f"analysis.{an.name}-s{seed}"),
+                    "depends_on": sorted(set(deps)), "study": study.name,
+                })
+
+
+def expand(
+    studies: list[StudySpec],
+    scale: str,
+    seeds: int,
+    out_dir: str | Path,
+    device: str = "cpu",
+    step_factor: float = 1.0,
+    train_override: dict[str, Any] | None = None,
+    eval_examples: int | None = None,
+    threads: int = 0,
+) -> list[dict[str, Any]]:
+    """Jobs for `studies` at `scale` over seeds 0..seeds-1: dependencies first, then study by study.
+
+    train_override replaces train keys everywhere (tests use {"steps": 2}); eval_examples replaces the
+    number of test examples of the final evaluation. Every RunSpec is validated here, before anything runs.
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
+    if not (isinstance(step_factor, (int, float)) and math.isfinite(step_factor) and step_factor > 0):
+        raise ConfigError(f"the step factor must be a positive number, got {step_factor}")
+    exp = Expansion(scale, seeds, Path(out_dir).resolve(), {"device": device, "threads": threads}, step_factor,
+                    train_override, eval_examples)
+    for study in studies:
+        exp.add_study(study)
+    return study_order(list(exp.bases.values()) + exp.others)
+
+
+def study_order(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Dependencies first, otherwise study by study: a run cut short still leaves whole studies behind."""
+    by_id = {j["id"]: j for j in jobs}
+    placed: dict[str, dict[str, Any]] = {}
+
+    def place(job: dict[str, Any]) -> None:
+        if job["id"] in placed:
+            return
+        for dep in job.get("depends_on", []):
+            if dep in by_id:
+                place(by_id[dep])
+        placed[job["id"]] = job
+
+    for job in [j for j in jobs if j.get("depends_on")] + jobs:
+        place(job)
+    return list(placed.values())
