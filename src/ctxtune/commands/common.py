@@ -134,6 +134,33 @@ def flag_name(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
+def check_output_path(path: Path, flag: str, kind: str) -> None:
+    """Refuse an output path that cannot be written, before any work.
+
+    Args:
+        path: the output file or folder (it may not exist yet; missing parents are created later).
+        flag: the option's name for messages, e.g. "--out".
+        kind: "file" or "folder".
+
+    Raises:
+        ConfigError: the path is of the other kind (or a device, a socket, ...), a parent is a file, or
+            the nearest existing folder is not writable.
+    """
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} exists and is not a folder")
+    if kind == "file" and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory, expected a file")
+    if kind == "file" and path.exists() and not path.is_file():
+        raise ConfigError(f"{flag} {path} exists and is not a regular file")
+    ancestor = path if kind == "folder" and path.is_dir() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: permission denied to write in {ancestor}")
+
+
 def emit_json(obj: Any) -> None:
     """Exactly one JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")

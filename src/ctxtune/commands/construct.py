@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import typer
 
-from ctxtune.commands.common import cli_errors, emit_json
+from ctxtune.commands.common import check_output_path, cli_errors, emit_json
 from ctxtune.errors import CtxtuneError
 
 app = typer.Typer(help="Section 3: one virtual token against one hard token.", no_args_is_help=True)
@@ -104,9 +104,17 @@ def run_completions(
     progress: bool = True,
     lm: Any = None,
 ) -> dict[str, Any]:
-    """Load `model` (unless `lm` is given) and count unique completions per pool."""
-    from ctxtune.constructions.completions import count_completions, load_causal_lm
+    """Check the arguments and the output file, then load `model` (unless `lm` is given) and count
+    unique completions per pool."""
+    from ctxtune.constructions.completions import check_partial_results, count_completions, load_causal_lm
 
+    if samples is not None and samples < 1:
+        raise CtxtuneError(f"--samples must be at least 1, got {samples}")
+    if length < 1 or batch_size < 1:
+        raise CtxtuneError(f"--length and --batch-size must be at least 1, got {length} and {batch_size}")
+    if out is not None:
+        check_output_path(out, "--out", "file")
+        check_partial_results(out)
     torch.manual_seed(seed)
     if lm is None:
         lm = load_causal_lm(model)
