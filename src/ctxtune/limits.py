@@ -112,7 +112,8 @@ def training_bytes(
     AdamW's two moments; the activations one step keeps for backward (per layer the normed input, q, k,
     v, attention output, projections, residual and MLP hidden states; keys and values concatenated
     with prefix keys; logits and their log-softmax); the key/value cache greedy evaluation holds for
-    every layer. Attention matrices are not counted (the fused kernel may not store them).
+    every layer; the boolean causal mask [positions, positions + prefix keys]. Attention matrices are
+    not counted (the fused kernel may not store them).
 
     Args:
         cfg: the ModelConfig.
@@ -133,11 +134,13 @@ def training_bytes(
         per_layer += 2 * rows * (positions + prefix_keys) * inner
     activations = L * per_layer + rows * positions * (d + 2 * cfg.d_vocab)
     kv_cache = L * 2 * eval_rows * (positions + prefix_keys) * inner
-    total = element_size * (weights + optimizer + max(activations, kv_cache))
+    mask = positions * (positions + prefix_keys)  # the causal mask, one byte per (query, key)
+    total = element_size * (weights + optimizer + max(activations, kv_cache)) + mask
     detail = (
         f"weights {gib(element_size * weights)}, optimiser {gib(element_size * optimizer)}, "
         f"activations of {rows} x {positions} positions {gib(element_size * activations)}, "
-        f"evaluation cache of {eval_rows} x {positions + prefix_keys} keys {gib(element_size * kv_cache)}"
+        f"evaluation cache of {eval_rows} x {positions + prefix_keys} keys {gib(element_size * kv_cache)}, "
+        f"attention mask {gib(mask)}"
     )
     return total, detail
 
