@@ -60,5 +60,5 @@ def test_config_sizes_are_checked_before_transformers(tiny_llama, tmp_path: Path
 def test_weights_beyond_memory_are_refused(tiny_llama, tmp_path: Path, monkeypatch) -> None:
     folder = save_tiny(tiny_llama, tmp_path / "m")
     monkeypatch.setattr("ctxtune.limits.physical_memory", lambda: 1024)
-    with pytest.raises(CtxtuneError, match=r"the model in .* needs at least about .* weights\), more than .* of memory"):
+    with pytest.raises(CtxtuneError, match=r"the model in .* needs at least about .* weights\), more than"):
         check_hf_folder(folder, torch.float32)
