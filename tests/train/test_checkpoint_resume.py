@@ -40,8 +40,8 @@ def test_resuming_a_finished_run_changes_nothing_and_returns_its_result(tmp_path
     result = info.value.result
     assert (result.steps, result.final_loss, result.accuracy) == (6, first.final_loss, first.accuracy)
     assert result.final_loss and all(isinstance(v, float) for v in result.final_loss)
-    assert torch.equal(again.method.adapter_state()["hidden"], load_tensors(tmp_path / "checkpoint.safetensors")[
-        "adapter/hidden"])  # fmt: skip  - the method holds the trained state for the caller
+    saved = load_tensors(tmp_path / "checkpoint.safetensors")["adapter/hidden"]
+    assert torch.equal(again.method.adapter_state()["hidden"], saved)  # the caller gets the trained state
 
 
 def killed_after_step_4(out: Path) -> None:

@@ -98,6 +98,8 @@ class CheckpointMeta:
 
 @dataclass
 class TrainResult:
+    """What a run produced: steps done, the last step's per-adapter losses, the final accuracies."""
+
     steps: int
     final_loss: list[float]
     accuracy: list[float]
