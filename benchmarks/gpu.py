@@ -73,6 +73,7 @@ def time_steps(step: Any, seconds: float, device: torch.device) -> float:
 
 
 def ours(method: str, k: int, device: torch.device, **opts: Any) -> Any:
+    from ctxtune.limits import MAX_STEPS
     from ctxtune.methods import make_method
     from ctxtune.model import GPT, ModelConfig
     from ctxtune.tasks import get_task
@@ -83,7 +84,7 @@ def ours(method: str, k: int, device: torch.device, **opts: Any) -> Any:
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SIZE, n_ctx=32, d_vocab=10, dropout=0.1 if full else 0.0)).to(device)
     m = make_method(method, model, n_adapters=k, **opts).to(device)
-    cfg = TrainConfig(steps=10**9, batch_size=BATCH, lr=5e-4 if full else 1e-2, weight_decay=0.1 if full else 0.01,
+    cfg = TrainConfig(steps=MAX_STEPS, batch_size=BATCH, lr=5e-4 if full else 1e-2, weight_decay=0.1 if full else 0.01,
                       decay_matrices_only=full, train_mode=full, eval_examples=64)
     task = DeviceTask(get_task("ascending"), device)
     trainer = Trainer(m, make_streams([task] * k, seed=0), cfg, quiet=True)  # type: ignore[list-item]

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from baseline_mingpt import MinGPT, MinGPTConfig, MinGPTTrainer, PoolDataset  # noqa: E402
 
+from ctxtune.limits import MAX_STEPS  # noqa: E402
 from ctxtune.methods import make_method  # noqa: E402
 from ctxtune.model import GPT, ModelConfig  # noqa: E402
 from ctxtune.tasks import get_task  # noqa: E402
@@ -106,7 +107,7 @@ def ours(size: dict[str, int], method: str, k: int = 1, batch: int = BATCH, **op
     torch.manual_seed(0)
     model = GPT(model_cfg(size, 0.1 if full else 0.0))
     m = make_method(method, model, n_adapters=k, **opts)
-    cfg = TrainConfig(steps=10**9, batch_size=batch, lr=5e-4 if full else 1e-2, weight_decay=0.1 if full else 0.01,
+    cfg = TrainConfig(steps=MAX_STEPS, batch_size=batch, lr=5e-4 if full else 1e-2, weight_decay=0.1 if full else 0.01,
                       decay_matrices_only=full, train_mode=full, eval_examples=64)
     trainer = Trainer(m, make_streams([get_task(TASK)] * k, seed=0), cfg, quiet=True)
     model.train(cfg.train_mode)

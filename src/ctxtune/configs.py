@@ -2,7 +2,8 @@
 
 Unknown keys are rejected by name and every value must have the type of the field's default (an int
 where a float is expected is accepted and converted; lists become tuples), so a wrong value in a config
-file is one clear ConfigError, never a TypeError deep inside validation.
+file is one clear ConfigError, never a TypeError deep inside validation. Every number must be finite
+and every integer must fit in 64 bits (what torch and the files hold), named as `section.key`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
 from ctxtune.errors import ConfigError
+from ctxtune.limits import check_finite, check_int64
 
 T = TypeVar("T")
 
@@ -32,14 +34,26 @@ def _coerce(value: Any, default: Any, name: str, what: str) -> Any:
         ok = True
     if not ok:
         expected = "a list" if isinstance(default, tuple) else type(default).__name__
-        raise ConfigError(f"{what}.{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{what}.{name} must be {expected}, got {_shown(value)}")
+    for item in value if isinstance(value, tuple) else (value,):
+        check_int64(item, f"{what}.{name}")
+        check_finite(item, f"{what}.{name}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: its repr, cut to 80 characters (a hand-edited file may hold anything)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int too long to print, a deeply nested list
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def strict_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
     """Build dataclass `cls` from `data`; `what` names the section in messages (e.g. "model")."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} must be a table of options, got {data!r}")
+        raise ConfigError(f"{what} must be a table of options, got {_shown(data)}")
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -83,11 +97,15 @@ def load_toml(path: Any) -> dict[str, Any]:
     import tomllib
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, expected a TOML file")
     if not path.is_file():
         raise ConfigError(f"file not found: {path}")
     try:
         return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"malformed TOML in {path}: {exc}") from None
+    except (RecursionError, ValueError) as exc:
+        raise ConfigError(f"malformed TOML in {path}: {type(exc).__name__}: {str(exc)[:120]}") from None

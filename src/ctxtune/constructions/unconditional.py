@@ -135,6 +135,24 @@ def make_unconditional(
     return UnconditionalConstruction("unconditional", form, vocab, length, model, constants)
 
 
+def authors_config(vocab: int, length: int) -> ModelConfig:
+    """The authors' form's model shape: one block, two heads of width N, residual width 2N."""
+    n = length
+    return ModelConfig(
+        n_layers=1, n_heads=2, d_model=2 * n, d_head=n, d_mlp=n, n_ctx=n, d_vocab=vocab,
+        norm="none", residual=False, pos="learned", act="relu", bias=True,
+    )  # fmt: skip
+
+
+def u_config(vocab: int, length: int) -> ModelConfig:
+    """Construction U's model shape: two blocks, one head of width N, residual width N + 1 + V."""
+    n = length
+    return ModelConfig(
+        n_layers=2, n_heads=1, d_model=n + 1 + vocab, d_head=n, d_mlp=max(n + 1, 3 * vocab), n_ctx=n,
+        d_vocab=vocab, norm="none", residual=True, pos="learned", act="relu", bias=True,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def _make_authors(vocab: int, length: int, beta: float) -> GPT:
     """Authors' form. Residual layout [content (N) | one-hot position (N)], d_head = N, two heads.
@@ -142,11 +160,7 @@ def _make_authors(vocab: int, length: int, beta: float) -> GPT:
     Virtual token: content s_k = y_k / V, at position 0. Hard tokens embed to 0; position i adds e_{N+i}.
     """
     n = length
-    cfg = ModelConfig(
-        n_layers=1, n_heads=2, d_model=2 * n, d_head=n, d_mlp=n, n_ctx=n, d_vocab=vocab,
-        norm="none", residual=False, pos="learned", act="relu", bias=True,
-    )  # fmt: skip
-    model = zero_parameters(GPT(cfg).double())  # write in float64, cast at the end
+    model = zero_parameters(GPT(authors_config(vocab, length)).double())  # write in float64, cast at the end
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     assert mlp is not None
     q_scale = beta * math.sqrt(n)  # cancels the model's 1/sqrt(d_head): scores are beta * (q . k)
@@ -191,11 +205,7 @@ def _make_u(vocab: int, length: int, margin: float) -> GPT:
     """
     n, m = length, margin
     w_slot, logit_start = n, n + 1
-    cfg = ModelConfig(
-        n_layers=2, n_heads=1, d_model=n + 1 + vocab, d_head=n, d_mlp=max(n + 1, 3 * vocab), n_ctx=n,
-        d_vocab=vocab, norm="none", residual=True, pos="learned", act="relu", bias=True,
-    )  # fmt: skip
-    model = zero_parameters(GPT(cfg).double())  # write in float64, cast at the end
+    model = zero_parameters(GPT(u_config(vocab, length)).double())  # write in float64, cast at the end
     for i in range(n):
         model.pos_embed.weight[i, i] = m  # p_i = M e_i; hard tokens embed to 0
     attn = model.blocks[0].attn

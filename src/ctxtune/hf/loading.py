@@ -7,11 +7,18 @@ imports `llm` and `llama_cpp`). The first load converts the GGUF once into plain
 cache folder ($CTXTUNE_CACHE, else ~/.cache/ctxtune), never inside the repository: a GGUF-loaded model
 refuses `save_pretrained`, so the quantisation config is dropped and the weights are copied into a
 plain model built from the same config (every key is checked). Later loads take about a second.
+
+Only safetensors and GGUF weights are read: nothing is ever unpickled. A folder is checked before
+transformers sees it (config.json parses and its sizes are positive integers; every .safetensors
+header is valid; the weights fit in memory); a folder whose weights are only pickles
+(pytorch_model.bin, *.pt, ...) is refused with how to convert it, and `from_pretrained` is called with
+`use_safetensors=True`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +27,16 @@ from typing import Any
 import torch
 
 from ctxtune.errors import CtxtuneError
+from ctxtune.io import read_safetensors_header
+from ctxtune.limits import INT64_MAX, check_memory
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: config.json sizes that must be positive integers when present (Llama/Mistral names, GPT-2 names)
+SIZE_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "vocab_size", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions", "n_inner",
+)  # fmt: skip
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 SMOLLM2 = "smollm2"
 _SMOLLM2_DIR = "smollm2-135m-instruct"
 
@@ -60,21 +76,86 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+def check_hf_folder(folder: Path, dtype: torch.dtype) -> None:
+    """Everything about a HF model folder that can be checked without transformers or unpickling.
+
+    Raises:
+        CtxtuneError: config.json is not a JSON object or has a size that is not a positive integer;
+            there are no .safetensors weights (with how to convert pickled ones); a .safetensors file
+            is not valid; the weights cannot fit in memory at `dtype`.
+    """
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CtxtuneError(f"cannot read the model config {config_path}: {str(exc).splitlines()[0][:120]}") from None
+    if not isinstance(config, dict):
+        raise CtxtuneError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT64_MAX):
+            raise CtxtuneError(f"{key} in {config_path} must be a positive integer, got {value!r}")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise CtxtuneError(no_safetensors_message(folder))
+    n_values = 0
+    for path in weights:
+        header = read_safetensors_header(path)  # CheckpointError names a truncated or garbage file
+        for name, entry in header.items():
+            if name != "__metadata__":
+                shape = entry.get("shape", [])
+                n_values += _product(shape) if isinstance(shape, list) else 0
+    element = torch.empty((), dtype=dtype).element_size()
+    check_memory(element * n_values, f"the model in {folder}", f"{n_values:.3g} weights")
+
+
+def _product(shape: list[Any]) -> int:
+    out = 1
+    for dim in shape:
+        out *= dim if isinstance(dim, int) and dim >= 0 else 0
+    return out
+
+
+def no_safetensors_message(folder: Path) -> str:
+    """Why a folder without .safetensors weights is refused, and how to convert pickled weights."""
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return f"no .safetensors weights in {folder}"
+    return (
+        f"{folder} holds only pickled weights ({', '.join(pickles[:3])}), which ctxtune never loads "
+        "(unpickling can run arbitrary code); convert them once where you trust the file: "
+        "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)"
+    )
+
+
+def check_gguf_file(path: Path) -> None:
+    """A .gguf file starts with the magic bytes GGUF."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CtxtuneError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if magic != b"GGUF":
+        raise CtxtuneError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None) -> tuple[Any, Any]:
     tf = _transformers()
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
+    weights = {} if gguf_file is not None else {"use_safetensors": True}  # never a pickle
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation="eager", **kwargs
+            folder, dtype=dtype, attn_implementation="eager", **weights, **kwargs
         )
-    except (OSError, ValueError) as e:
-        raise CtxtuneError(f"cannot load a causal LM from {folder / (gguf_file or '')}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model folder for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CtxtuneError(f"cannot load a causal LM from {folder / (gguf_file or '')}: {first}") from e
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # a model folder without tokenizer files is still checkable
+    except Exception:  # noqa: BLE001 - a model folder without (usable) tokenizer files is still checkable
+        tokenizer = None
     return model.eval(), tokenizer
 
 
@@ -126,11 +207,14 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]
         if not (folder / "config.json").is_file():
             folder.parent.mkdir(parents=True, exist_ok=True)
             convert_gguf(smollm2_gguf(), folder)
+        check_hf_folder(folder, dtype)
         return _load_folder(folder, dtype)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        check_gguf_file(path)
         return _load_folder(path.parent, dtype, path.name)
     if path.is_dir() and (path / "config.json").is_file():
+        check_hf_folder(path, dtype)
         return _load_folder(path, dtype)
     if not path.exists():
         raise CtxtuneError(f"model {spec!r} not found: expected a HF folder, a .gguf file or 'smollm2'")

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ctxtune.configs import strict_from_dict
-from ctxtune.errors import ConfigError
+from ctxtune.errors import CheckpointError, ConfigError
 from ctxtune.model.gpt import GPT, LayerPrefix
 
 POSITION_POLICIES = ("keep", "shift")
@@ -205,19 +206,32 @@ class Method(nn.Module, ABC):
         """Tensors that define the adapters (what a checkpoint stores)."""
         return {k: v.detach() for k, v in self.state_dict().items()}
 
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_adapter_state(self, state: dict[str, torch.Tensor], source: str | Path | None = None) -> None:
+        """Load adapter tensors read back from a file, refusing any that do not fit this method.
+
+        Args:
+            state: name -> tensor, as `adapter_state()` gives (a `ctxtune.io.TensorFile` names its file).
+            source: the file they came from, for messages (default: the TensorFile's path).
+
+        Raises:
+            ConfigError: missing or unexpected tensor names, or a tensor of another shape.
+            CheckpointError: a tensor of another dtype (e.g. int64) or with NaN or infinite values.
+        """
+        source = source if source is not None else getattr(state, "path", None)
+        where = f" in {source}" if source is not None else ""
         own = self.state_dict()
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
             raise ConfigError(
-                f"adapter state does not match method {self.key!r}: missing {missing}, unexpected {extra}"
+                f"adapter state{where} does not match method {self.key!r}: missing {missing}, unexpected {extra}"
             )
         for name, tensor in state.items():
             if tensor.shape != own[name].shape:
                 raise ConfigError(
-                    f"adapter tensor {name!r} has shape {list(tensor.shape)}, expected {list(own[name].shape)}"
+                    f"adapter tensor {name!r}{where} has shape {list(tensor.shape)}, expected {list(own[name].shape)}"
                     " (checkpoint of another model or method shape)"
                 )
+            check_tensor_values(name, tensor, own[name].dtype, where)
         self.load_state_dict(state)
 
     def describe(self) -> dict[str, Any]:
@@ -228,6 +242,22 @@ class Method(nn.Module, ABC):
             "trainable": self.num_trainable(),
             "expected_trainable": self.expected_num_trainable(),
         }
+
+
+def check_tensor_values(name: str, tensor: torch.Tensor, dtype: torch.dtype, where: str = "") -> None:
+    """Refuse a tensor read back from a file whose dtype is not `dtype` or that holds NaN or infinity.
+
+    Floating tensors of another float dtype are accepted (loading casts them); integer buffers (hard
+    prompt token ids) must be integers.
+    """
+    same_kind = tensor.is_floating_point() == dtype.is_floating_point and (tensor.dtype == torch.bool) == (
+        dtype == torch.bool
+    )
+    if not same_kind or tensor.is_complex():
+        shown, wanted = (str(t).removeprefix("torch.") for t in (tensor.dtype, dtype))
+        raise CheckpointError(f"tensor {name!r}{where} has dtype {shown}, expected {wanted}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"tensor {name!r}{where} holds NaN or infinite values")
 
 
 def check_position_policy(policy: str) -> None:

@@ -7,11 +7,13 @@ restored bit-exactly by `detach()`; the adapter state is the whole model state. 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ctxtune.methods.base import Method, MethodConfig
+from ctxtune.errors import CheckpointError
+from ctxtune.methods.base import Method, MethodConfig, check_tensor_values
 from ctxtune.methods.registry import register_method
 from ctxtune.model.gpt import GPT
 
@@ -45,8 +47,8 @@ class Full(Method):
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return model_state(self.model)
 
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        load_model_state(self.model, state)
+    def load_adapter_state(self, state: dict[str, torch.Tensor], source: str | Path | None = None) -> None:
+        load_model_state(self.model, state, source)
 
     def detach(self) -> None:
         with torch.no_grad():
@@ -66,17 +68,22 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a model state, naming any missing, unexpected or mis-shaped tensor."""
-    from ctxtune.errors import CheckpointError
-
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path | None = None) -> None:
+    """Load a model state, naming any missing, unexpected, mis-shaped, mistyped or non-finite tensor
+    and the file (`source`, default the TensorFile's path)."""
+    source = source if source is not None else getattr(state, "path", None)
+    where = f" in {source}" if source is not None else ""
     own = model_state(model)
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
-        raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {extra[:4]}")
+        raise CheckpointError(
+            f"checkpoint{where} does not fit the model: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
             raise CheckpointError(
-                f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, the model expects {list(own[name].shape)}"
+                f"checkpoint tensor {name!r}{where} has shape {list(tensor.shape)}, "
+                f"the model expects {list(own[name].shape)}"
             )
+        check_tensor_values(name, tensor, own[name].dtype, where)
     model.load_state_dict(state, strict=False)

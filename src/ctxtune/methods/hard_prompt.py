@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ctxtune.errors import ConfigError
+from ctxtune.limits import check_int64
 from ctxtune.methods.base import Method, MethodConfig, Prepared, check_position_policy
 from ctxtune.methods.registry import register_method
 from ctxtune.methods.splice import splice, splice_offset
@@ -26,8 +27,14 @@ class HardPromptConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         check_position_policy(self.position_policy)
-        if len(self.tokens) == 0:
-            raise ConfigError("hard prompt needs at least one token")
+        tokens = self.tokens
+        if not isinstance(tokens, (tuple, list)) or len(tokens) == 0:
+            raise ConfigError(f"hard prompt needs a non-empty list of token ids, got {tokens!r}")
+        bad = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+        if bad:
+            raise ConfigError(f"hard prompt token ids must be integers >= 0, got {bad[:5]!r}")
+        for t in tokens:
+            check_int64(t, "hard prompt token id")
 
 
 @register_method

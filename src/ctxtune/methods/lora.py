@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ctxtune.errors import ConfigError
+from ctxtune.limits import check_int64, is_finite_number
 from ctxtune.methods.base import Method, MethodConfig
 from ctxtune.methods.registry import register_method
 from ctxtune.model.gpt import GPT
@@ -41,11 +42,20 @@ class LoRAConfig(MethodConfig):
     targets: tuple[str, ...] = ("o", "mlp_in", "mlp_out")  # the paper's Section 6 placement
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown or not self.targets:
+        check_int64(self.rank, "lora.rank")
+        if not (is_finite_number(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
+        targets = self.targets
+        if not isinstance(targets, (tuple, list)) or not all(isinstance(t, str) for t in targets):
+            raise ConfigError(f"LoRA targets must be a list of names from {', '.join(LORA_TARGETS)}, got {targets!r}")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
             raise ConfigError(f"unknown LoRA target(s) {unknown}; choose from {', '.join(LORA_TARGETS)}")
+        repeated = sorted({t for t in targets if list(targets).count(t) > 1})
+        if repeated:
+            raise ConfigError(f"LoRA target(s) {', '.join(repeated)} given more than once")
 
 
 class LoRALinear(nn.Module):

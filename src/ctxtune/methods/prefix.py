@@ -16,10 +16,13 @@ layout, where pretraining data carried P placeholder tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from ctxtune.errors import ConfigError
+from ctxtune.limits import check_int64, is_finite_number
 from ctxtune.methods.base import Method, MethodConfig, Prepared, check_n_virtual, check_position_policy
 from ctxtune.methods.registry import register_method
 from ctxtune.model.gpt import GPT, LayerPrefix
@@ -32,8 +35,17 @@ class PrefixConfig(MethodConfig):
     init_std: float = 1.0
 
     def __post_init__(self) -> None:
-        check_n_virtual(self.n_virtual)
-        check_position_policy(self.position_policy)
+        check_virtual_options(self)
+
+
+def check_virtual_options(config: Any) -> None:
+    """Options of the virtual-token configs: n_virtual (a positive 64-bit integer), position_policy,
+    init_std (finite, >= 0)."""
+    check_n_virtual(config.n_virtual)
+    check_int64(config.n_virtual, "n_virtual")
+    check_position_policy(config.position_policy)
+    if not (is_finite_number(config.init_std) and config.init_std >= 0):
+        raise ConfigError(f"init_std must be a finite number >= 0, got {config.init_std!r}")
 
 
 class PrefixBase(Method):

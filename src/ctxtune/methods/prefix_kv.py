@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ctxtune.errors import ConfigError
-from ctxtune.methods.base import check_n_virtual, check_position_policy
-from ctxtune.methods.prefix import PrefixBase, PrefixConfig
+from ctxtune.limits import check_int64
+from ctxtune.methods.prefix import PrefixBase, PrefixConfig, check_virtual_options
 from ctxtune.methods.registry import register_method
 from ctxtune.model.gpt import GPT, LayerPrefix
 
@@ -29,10 +29,11 @@ class PrefixKVConfig(PrefixConfig):
     reparam_dim: int = 0  # 0: no MLP reparameterisation
 
     def __post_init__(self) -> None:
-        check_n_virtual(self.n_virtual)
-        check_position_policy(self.position_policy)
-        if self.reparam_dim < 0:
-            raise ConfigError(f"reparam_dim must be >= 0, got {self.reparam_dim}")
+        check_virtual_options(self)
+        dim = self.reparam_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise ConfigError(f"reparam_dim must be an integer >= 0, got {dim!r}")
+        check_int64(dim, "reparam_dim")
 
 
 @register_method

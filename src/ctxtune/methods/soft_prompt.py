@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ctxtune.errors import ConfigError
-from ctxtune.methods.base import Method, MethodConfig, Prepared, check_n_virtual, check_position_policy
+from ctxtune.methods.base import Method, MethodConfig, Prepared
+from ctxtune.methods.prefix import check_virtual_options
 from ctxtune.methods.registry import register_method
 from ctxtune.methods.splice import splice, splice_offset
 from ctxtune.model.gpt import GPT
@@ -28,8 +29,7 @@ class SoftPromptConfig(MethodConfig):
     init_std: float = 1.0
 
     def __post_init__(self) -> None:
-        check_n_virtual(self.n_virtual)
-        check_position_policy(self.position_policy)
+        check_virtual_options(self)
         if self.init not in ("vocab", "randn"):
             raise ConfigError(f"soft prompt init must be 'vocab' or 'randn', got {self.init!r}")
 

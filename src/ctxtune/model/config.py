@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from ctxtune.configs import strict_from_dict
 from ctxtune.errors import ConfigError
+from ctxtune.limits import check_int64, check_memory, is_finite_number, model_parameters
 
 PosScheme = Literal["learned", "rotary", "none"]
 NormKind = Literal["layernorm", "rmsnorm", "none"]
@@ -62,23 +63,41 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "n_heads", "d_model", "n_ctx", "d_vocab"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.d_mlp < 0 or self.d_head < 0:
-            raise ConfigError("model.d_mlp and model.d_head must be >= 0 (0 picks the default)")
-        if self.d_head == 0 and self.d_model % self.n_heads != 0:
-            raise ConfigError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        self._check_sizes()
         if self.norm not in ("layernorm", "rmsnorm", "none"):
             raise ConfigError(f"model.norm must be layernorm, rmsnorm or none, got {self.norm!r}")
         if self.pos not in ("learned", "rotary", "none"):
             raise ConfigError(f"model.pos must be learned, rotary or none, got {self.pos!r}")
         if self.act not in ("gelu", "relu"):
             raise ConfigError(f"model.act must be gelu or relu, got {self.act!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not (is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not (is_finite_number(self.rotary_base) and self.rotary_base > 0):
+            raise ConfigError(f"model.rotary_base must be a finite number > 0, got {self.rotary_base}")
         if self.pos == "rotary" and self.head_dim % 2 != 0:
             raise ConfigError(f"rotary positions need an even d_head, got {self.head_dim}")
+        self._check_memory()
+
+    def _check_sizes(self) -> None:
+        """Integer sizes: positive (d_mlp, d_head: >= 0, 0 picks the default) and within 64 bits."""
+        for name in ("n_layers", "n_heads", "d_model", "n_ctx", "d_vocab", "d_mlp", "d_head"):
+            value = getattr(self, name)
+            low = 0 if name in ("d_mlp", "d_head") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "an integer >= 0 (0 picks the default)" if low == 0 else "a positive integer"
+                raise ConfigError(f"model.{name} must be {kind}, got {value!r}")
+            check_int64(value, f"model.{name}")
+        if self.d_head == 0 and self.d_model % self.n_heads != 0:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+    def _check_memory(self) -> None:
+        """Refuse a model whose float32 weights alone exceed this machine's memory."""
+        n = model_parameters(self)
+        check_memory(
+            4 * n,
+            f"a model with d_model={self.d_model}, n_layers={self.n_layers}, d_vocab={self.d_vocab}",
+            f"{n:.3g} float32 weights",
+        )
 
     @property
     def head_dim(self) -> int:

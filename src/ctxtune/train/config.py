@@ -12,6 +12,7 @@ from typing import Any
 
 from ctxtune.configs import strict_from_dict
 from ctxtune.errors import ConfigError
+from ctxtune.limits import MAX_EVAL_EXAMPLES, MAX_SEED, MAX_STEPS, check_int64, is_finite_number
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,44 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "eval_examples", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup", "eval_every", "checkpoint_every", "placeholders", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"train.{name} must be a non-negative integer, got {value!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+        self._check_counts()
+        self._check_rates()
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+    def _check_counts(self) -> None:
+        """Integers: positive or non-negative, within int64, and the bounds of `ctxtune.limits`."""
+        for name in ("steps", "batch_size", "eval_examples", "log_every"):
+            _check_int(name, getattr(self, name), low=1)
+        for name in ("warmup", "eval_every", "checkpoint_every", "placeholders", "seed"):
+            _check_int(name, getattr(self, name), low=0)
+        _check_at_most("steps", self.steps, MAX_STEPS, "(a larger count is almost certainly a typo)")
+        _check_at_most("seed", self.seed, MAX_SEED, "(derived torch seeds must stay within 64 bits)")
+        _check_at_most("eval_examples", self.eval_examples, MAX_EVAL_EXAMPLES, "(hours of decoding per evaluation)")
+
+    def _check_rates(self) -> None:
+        """Floats: finite and in range."""
+        for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not is_finite_number(value):
+                raise ConfigError(f"train.{name} must be a finite number, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError(
+                f"train.lr * train.weight_decay must be below 1 (AdamW scales weights by 1 - lr * weight_decay"
+                f" each step), got {self.lr} * {self.weight_decay}"
+            )
+        betas = self.betas
+        pair = isinstance(betas, (tuple, list)) and len(betas) == 2
+        if not (pair and all(is_finite_number(b) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {betas!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,3 +115,16 @@ class TrainConfig:
         progress = min(1.0, (step - self.warmup) / span)
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    """An int (not a bool) >= low that fits in 64 bits."""
+    kind = "a positive integer" if low == 1 else "a non-negative integer"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"train.{name} must be {kind}, got {value!r}")
+    check_int64(value, f"train.{name}")
+
+
+def _check_at_most(name: str, value: int, bound: int, reason: str) -> None:
+    if value > bound:
+        raise ConfigError(f"train.{name} must be at most {bound:,} {reason}, got {value:,}")

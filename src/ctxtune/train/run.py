@@ -66,7 +66,7 @@ class RunResult:
 
 def run(spec: RunSpec, out: str | Path, resume: bool = True, quiet: bool = True) -> RunResult:
     """Train `spec` into the folder `out` (see the module docstring)."""
-    from ctxtune.io import folder_lock
+    from ctxtune.io import run_lock
     from ctxtune.train.runs import read_summary
 
     out = Path(out)
@@ -78,11 +78,12 @@ def run(spec: RunSpec, out: str | Path, resume: bool = True, quiet: bool = True)
         return RunResult.from_dict({**stored, "cached": True})
     start = time.perf_counter()
     model, model_cfg, method = build(spec, base)  # bad options fail here, before anything is written
-    with folder_lock(out):
+    trainer = make_trainer(spec, method, out, quiet)  # checks the memory the run needs; writes nothing
+    with run_lock(out):
         stored = read_summary(out)  # another process may have finished it meanwhile
         if stored is not None and _same_run(out, spec):
             return RunResult.from_dict({**stored, "cached": True})
-        return _train(spec, out, model, model_cfg, method, resume, quiet, start)
+        return _train(spec, out, model, model_cfg, method, trainer, resume, start)
 
 
 def _same_run(out: Path, spec: RunSpec) -> bool:
@@ -113,18 +114,27 @@ def build(spec: RunSpec, base: Any) -> tuple[Any, Any, Any]:
     return model, model_cfg, method
 
 
-def _train(spec: RunSpec, out: Path, model: Any, model_cfg: Any, method: Any, resume: bool, quiet: bool,
-           start: float) -> RunResult:
+def make_trainer(spec: RunSpec, method: Any, out: Path, quiet: bool) -> Any:
+    """The trainer of the run: one data stream per adapter, seeds from `stream_seeds`."""
     from ctxtune.tasks import get_task
-    from ctxtune.train.runs import save_weights, write_config
     from ctxtune.train.seeds import stream_seeds
     from ctxtune.train.trainer import Stream, Trainer
 
-    write_config(out, spec, model_cfg, len(spec.streams))
     streams = [Stream(get_task(s.task), *stream_seeds(s.seed, s.index)) for s in spec.streams]
-    trainer = Trainer(method, streams, spec.train, out, quiet=quiet)
+    return Trainer(method, streams, spec.train, out, quiet=quiet)
+
+
+def _train(spec: RunSpec, out: Path, model: Any, model_cfg: Any, method: Any, trainer: Any, resume: bool,
+           start: float) -> RunResult:
+    from ctxtune.errors import RunAlreadyFinished
+    from ctxtune.train.runs import save_weights, write_config
+
+    write_config(out, spec, model_cfg, len(spec.streams))
     resumed = resume and trainer.checkpoint_path().is_file()
-    result = trainer.run(resume=resumed)
+    try:
+        result = trainer.run(resume=resumed)
+    except RunAlreadyFinished as exc:  # killed after its final checkpoint: the method holds the trained state
+        result = exc.result
     if spec.kind == "pretrain":  # the trained weights are the product: keep them, frozen
         for p in model.parameters():
             p.requires_grad_(False)

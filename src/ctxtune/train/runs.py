@@ -50,7 +50,7 @@ class RunRecord:
         """The base this run tuned (relative path first, then absolute)."""
         if self.spec.kind != "tune" or self.base_path is None:
             raise CheckpointError(f"{self.path} is a pretraining run: it has no base")
-        candidates = [str((self.path / self.base_relative).resolve())] if self.base_relative else []
+        candidates = [str((self.path.resolve() / self.base_relative).resolve())] if self.base_relative else []
         for candidate in [*candidates, self.base_path]:
             if Path(candidate).exists():
                 return resolve_base(candidate)
@@ -107,7 +107,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
             raise ConfigError("base must be a table")
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"invalid run config {where}: {exc}") from None
-    return RunRecord(path.resolve(), spec, model_cfg, base.get("path"), base.get("relative"))
+    return RunRecord(path, spec, model_cfg, base.get("path"), base.get("relative"))
 
 
 def resolve_base(source: str | Path | None) -> BaseRef:
@@ -125,7 +125,7 @@ def resolve_base(source: str | Path | None) -> BaseRef:
             )
         if not (path / WEIGHTS["model"]).is_file():
             raise CheckpointError(f"{path} has no {WEIGHTS['model']}: the run did not finish")
-        return BaseRef("run", str(record.path), record.model_config)
+        return BaseRef("run", str(record.path.resolve()), record.model_config)
     if not path.exists() and str(source) != "smollm2":
         raise ConfigError(f"base not found: {source} (expected a run folder, a Hugging Face folder, a .gguf file "
                           "or 'smollm2')")
@@ -175,10 +175,7 @@ def load_run_method(run_dir: str | Path, model: Any = None, adapter: int | None 
         state = load_tensors(path)
         if adapter is not None:
             state = {name: t[adapter : adapter + 1] for name, t in state.items()}  # [1, ...] of the bank's [K, ...]
-        try:
-            method.load_adapter_state(state)
-        except ConfigError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
+        method.load_adapter_state(state)  # names the tensor and the file when it does not fit
     return method
 
 
