@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMAND_MODULES = ["train_cmds", "sweep", "reproduce", "check", "diagnose", "beyond", "construct", "bench"]
+COMMAND_MODULES = ["train_cmds", "sweep", "reproduce", "check", "diagnose", "beyond", "construct", "bench", "export"]
 for _name in COMMAND_MODULES:
     importlib.import_module(f"ctxtune.commands.{_name}").register(app)
 
