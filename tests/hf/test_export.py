@@ -115,7 +115,7 @@ def test_gpt2_export_gives_the_same_logits(tmp_path: Path, kw: dict) -> None:
     result = export_gpt2(model, tmp_path / "gpt2")
     assert sorted(p.name for p in (tmp_path / "gpt2").iterdir()) == ["config.json", "model.safetensors"]
     assert result.check is not None and result.check["passed"]
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
         hf = _load_gpt2(tmp_path / "gpt2", dtype)
         with torch.no_grad():
             diff = (model.to(dtype)(TOKENS) - hf(input_ids=TOKENS).logits).abs().max().item()
@@ -170,7 +170,7 @@ def test_round_trip_ctxtune_to_gpt2_and_peft(tmp_path: Path, cli: Callable, key:
         assert (theirs.double() - plain).abs().max() > 1e-2  # the adapter changes the logits
     computed = key == "prefix" or options.get("reparam_dim")
     assert diffs[torch.float64] <= (1e-6 if computed else 1e-12), diffs  # computed keys: rounded once to float32
-    assert diffs[torch.float32] <= 1e-4, diffs
+    assert diffs[torch.float32] <= 1e-6, diffs
 
 
 def test_bank_exports_the_chosen_adapter(tmp_path: Path, cli: Callable) -> None:
