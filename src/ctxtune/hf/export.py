@@ -333,7 +333,7 @@ def peft_prompt_embeddings(method: Method, index: int = 0) -> tuple[torch.Tensor
     rotate = policy == "keep" and cfg.pos == "rotary"
     computed = rotate or method.key == "prefix" or getattr(method.config, "reparam_dim", 0) > 0
     with torch.no_grad():
-        keys, values = _prefix_keys_values(_float64_copy(method) if computed else method, ids)
+        keys, values = _prefix_keys_values(_method_copy(method, torch.float64) if computed else method, ids)
         if rotate:
             p = method.config.n_virtual  # type: ignore[attr-defined]
             keys = _rotate_keys_to(keys, p, cfg.rotary_base)
@@ -348,13 +348,13 @@ def peft_prompt_embeddings(method: Method, index: int = 0) -> tuple[torch.Tensor
     return flat.to(stored).contiguous(), notes, computed
 
 
-def _float64_copy(method: Method) -> Method:
-    """A float64 copy of `method` and of its model (the original is untouched)."""
+def _method_copy(method: Method, dtype: torch.dtype) -> Method:
+    """A copy of `method` and of its model in `dtype`, eval mode (the original is untouched)."""
     import copy
 
     twin = copy.deepcopy(method)  # copies the model it refers to as well
-    twin.model.to(torch.float64)  # type: ignore[attr-defined]
-    return twin.to(torch.float64)
+    twin.model.to(dtype).eval()  # type: ignore[attr-defined]
+    return twin.to(dtype).eval()
 
 
 def peft_config(method: Method, base_model: str | None = None) -> dict[str, Any]:
@@ -446,14 +446,7 @@ def compare_peft(
     p = method.config.n_virtual  # type: ignore[attr-defined]
     tokens = check_tokens(method.model.cfg, p)
     ids = torch.full((tokens.shape[0],), index) if method.n_adapters > 1 else None
-    original = {"model": next(method.model.parameters()).dtype, "method": next(method.parameters()).dtype}
-    try:
-        method.model.to(dtype)
-        method.to(dtype)
-        ours = method(tokens, ids)  # [batch, T, d_vocab]
-    finally:
-        method.model.to(original["model"])
-        method.to(original["method"])
+    ours = _method_copy(method, dtype)(tokens, ids)  # [batch, T, d_vocab]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = peft.PeftModel.from_pretrained(load_gpt2(gpt2_folder, dtype), str(adapter_folder)).eval()
