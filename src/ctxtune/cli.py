@@ -36,7 +36,7 @@ def global_options(
     set_debug(debug)
 
 
-COMMAND_MODULES = ["train_cmds", "sweep", "reproduce", "check", "diagnose", "beyond", "construct", "bench"]
+COMMAND_MODULES = ["train_cmds", "sweep", "reproduce", "check", "diagnose", "beyond", "construct", "bench", "export"]
 for _name in COMMAND_MODULES:
     importlib.import_module(f"ctxtune.commands.{_name}").register(app)
 

@@ -92,9 +92,8 @@ def table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
 
 def load_toml(path: Any) -> dict[str, Any]:
     """Parse a TOML file; a missing, unreadable or malformed file is one ConfigError naming it."""
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     path = Path(path)
     if path.is_dir():

@@ -13,8 +13,10 @@ EXPECTED_HOOKS = {
     "blocks.{l}.hook_resid_pre": ("batch", "pos", "d_model"),
     "blocks.{l}.ln1.hook_normalized": ("batch", "pos", "d_model"),
     "blocks.{l}.attn.hook_q": ("batch", "pos", "n_heads", "d_head"),
-    "blocks.{l}.attn.hook_k": ("batch", "keys", "n_heads", "d_head"),
-    "blocks.{l}.attn.hook_v": ("batch", "keys", "n_heads", "d_head"),
+    "blocks.{l}.attn.hook_k": ("batch", "pos", "n_heads", "d_head"),
+    "blocks.{l}.attn.hook_v": ("batch", "pos", "n_heads", "d_head"),
+    "blocks.{l}.attn.hook_rot_q": ("batch", "pos", "n_heads", "d_head"),
+    "blocks.{l}.attn.hook_rot_k": ("batch", "pos", "n_heads", "d_head"),
     "blocks.{l}.attn.hook_attn_scores": ("batch", "n_heads", "pos", "keys"),
     "blocks.{l}.attn.hook_pattern": ("batch", "n_heads", "pos", "keys"),
     "blocks.{l}.attn.hook_z": ("batch", "pos", "n_heads", "d_head"),
@@ -27,6 +29,10 @@ EXPECTED_HOOKS = {
     "blocks.{l}.hook_mlp_out": ("batch", "pos", "d_model"),
     "blocks.{l}.hook_resid_post": ("batch", "pos", "d_model"),
     "ln_final.hook_normalized": ("batch", "pos", "d_model"),
+}
+PREFIX_HOOKS = {
+    "blocks.{l}.attn.hook_prefix_k": ("batch", "n_virtual", "n_heads", "d_head"),
+    "blocks.{l}.attn.hook_prefix_v": ("batch", "n_virtual", "n_heads", "d_head"),
 }
 
 
@@ -41,6 +47,7 @@ def test_every_hook_is_cached_with_its_documented_shape(tiny_model: GPT, n_virtu
     sizes = {
         "batch": 2,
         "pos": 7,
+        "n_virtual": n_virtual,
         "keys": 7 + n_virtual,
         "d_model": cfg.d_model,
         "n_heads": cfg.n_heads,
@@ -48,7 +55,7 @@ def test_every_hook_is_cached_with_its_documented_shape(tiny_model: GPT, n_virtu
         "d_mlp": cfg.mlp_dim,
     }
     expected_names = set()
-    for template, dims in EXPECTED_HOOKS.items():
+    for template, dims in (EXPECTED_HOOKS | (PREFIX_HOOKS if n_virtual else {})).items():
         for layer in range(cfg.n_layers) if "{l}" in template else [0]:
             name = template.format(l=layer)
             expected_names.add(name)

@@ -6,9 +6,13 @@ Hook names follow TransformerLens (shapes in brackets):
     hook_pos_embed                  [batch, pos, d_model]   learned positional embeddings
     blocks.{l}.hook_resid_pre       [batch, pos, d_model]
     blocks.{l}.ln1.hook_normalized  [batch, pos, d_model]   the attention input (identity if no norm)
-    blocks.{l}.attn.hook_q          [batch, pos, n_heads, d_head]        after rotary
-    blocks.{l}.attn.hook_k          [batch, n_keys, n_heads, d_head]     prefix keys first, then content
-    blocks.{l}.attn.hook_v          [batch, n_keys, n_heads, d_head]
+    blocks.{l}.attn.hook_q          [batch, pos, n_heads, d_head]        queries BEFORE rotary
+    blocks.{l}.attn.hook_k          [batch, pos, n_heads, d_head]        keys BEFORE rotary
+    blocks.{l}.attn.hook_v          [batch, pos, n_heads, d_head]
+    blocks.{l}.attn.hook_rot_q      [batch, pos, n_heads, d_head]        queries that enter the scores
+    blocks.{l}.attn.hook_rot_k      [batch, pos, n_heads, d_head]        keys that enter the scores
+    blocks.{l}.attn.hook_prefix_k   [batch, n_virtual, n_heads, d_head]  prefix keys (only with a prefix)
+    blocks.{l}.attn.hook_prefix_v   [batch, n_virtual, n_heads, d_head]  prefix values (only with a prefix)
     blocks.{l}.attn.hook_attn_scores[batch, n_heads, pos, n_keys]        scaled, masked logits
     blocks.{l}.attn.hook_pattern    [batch, n_heads, pos, n_keys]        softmax over all keys
     blocks.{l}.attn.hook_z          [batch, pos, n_heads, d_head]        per-head output before W_O
@@ -22,9 +26,17 @@ Hook names follow TransformerLens (shapes in brackets):
     blocks.{l}.hook_resid_post      [batch, pos, d_model]
     ln_final.hook_normalized        [batch, pos, d_model]
 
-`n_keys` = n_virtual (prefix keys, if any) + cached positions + pos. When a hook observes the scores
-or the pattern, attention takes an explicit-softmax path; otherwise it calls the fused
-`scaled_dot_product_attention`. Both give the same outputs (tested).
+As in TransformerLens, `hook_q`/`hook_k`/`hook_v` hold the current positions only (not cached keys) and
+`hook_rot_q`/`hook_rot_k` the rotated queries and keys. TransformerLens has the rot hooks on rotary
+models only; here every model has them, so analysis code reads one name whatever the positional scheme:
+without rotary they hold the same values as `hook_q`/`hook_k` (nothing rotates them). A hook on
+`hook_q`/`hook_k` that returns a tensor changes what gets rotated. The keys and values attended to are,
+in order, `hook_prefix_k` (which carry no position, so they never rotate), the cached keys, then
+`hook_rot_k`; `n_keys` counts them all. `cache["pattern", 0]` and the other TransformerLens short
+names work on the cache that `run_with_cache` returns (see `ctxtune.model.hooks`).
+
+When a hook observes the scores or the pattern, attention takes an explicit-softmax path; otherwise it
+calls the fused `scaled_dot_product_attention`. Both give the same outputs (tested).
 
 Prefixes enter through `LayerPrefix`: either hidden states (the paper's form: passed through the
 frozen pre-attention norm and the key/value projections) or free keys and values (PEFT's form).
@@ -135,7 +147,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
-        for name in ("q", "k", "v", "z", "attn_scores", "pattern", "result"):
+        for name in ("q", "k", "v", "rot_q", "rot_k", "prefix_k", "prefix_v", "z", "attn_scores", "pattern", "result"):
             setattr(self, f"hook_{name}", HookPoint())
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +162,15 @@ class Attention(nn.Module):
         v = self.split_heads(self.v_proj(normed_hidden)).transpose(1, 2)  # [b, n_heads, P, d_head]
         return k, v
 
+    def hooked_prefix_kv(
+        self, prefix: LayerPrefix, normed_hidden: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix keys and values through `hook_prefix_k`/`hook_prefix_v`: [batch, n_heads, n_virtual, d_head]."""
+        pk, pv = self.prefix_kv(prefix, normed_hidden)
+        pk = self.hook_prefix_k(pk.expand(batch, -1, -1, -1).transpose(1, 2))  # [batch, P, n_heads, d_head]
+        pv = self.hook_prefix_v(pv.expand(batch, -1, -1, -1).transpose(1, 2))
+        return pk.transpose(1, 2), pv.transpose(1, 2)  # [batch, n_heads, P, d_head]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -160,13 +181,13 @@ class Attention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         batch, pos, _ = x.shape
-        q = self.split_heads(self.q_proj(x))  # [batch, pos, n_heads, d_head]
-        k = self.split_heads(self.k_proj(x))
-        v = self.split_heads(self.v_proj(x))
+        q = self.hook_q(self.split_heads(self.q_proj(x)))  # [batch, pos, n_heads, d_head]
+        k = self.hook_k(self.split_heads(self.k_proj(x)))
+        v = self.hook_v(self.split_heads(self.v_proj(x)))
         if self.cfg.pos == "rotary":
             cos, sin = rotary_tables(position_ids, self.d_head, self.cfg.rotary_base)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = self.hook_q(q)
+        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [batch, n_heads, pos, d_head]
 
         n_prefix, n_past = 0, 0
@@ -175,14 +196,12 @@ class Attention(nn.Module):
             n_prefix, n_past = past.n_prefix, past.key.shape[2] - past.n_prefix
             k, v = torch.cat([past.key, k], dim=2), torch.cat([past.value, v], dim=2)
         elif prefix is not None:
-            pk, pv = self.prefix_kv(prefix, prefix_normed)
+            pk, pv = self.hooked_prefix_kv(prefix, prefix_normed, batch)
             n_prefix = pk.shape[2]
-            k = torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2)  # [batch, n_heads, n_keys, d_head]
-            v = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
+            k = torch.cat([pk, k], dim=2)  # [batch, n_heads, n_keys, d_head]
+            v = torch.cat([pv, v], dim=2)
         if cache is not None:
             cache.layers[layer] = LayerCache(k, v, n_prefix)
-        k = self.hook_k(k.transpose(1, 2)).transpose(1, 2)
-        v = self.hook_v(v.transpose(1, 2)).transpose(1, 2)
 
         mask = self.causal_mask(pos, n_prefix, n_past, x.device)  # [pos, n_keys] True = attend
         qh = q.transpose(1, 2)  # [batch, n_heads, pos, d_head]
@@ -234,6 +253,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
+
+    def hooked_prefix_kv(
+        self, prefix: LayerPrefix, normed_hidden: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix keys and values through `hook_prefix_k`/`hook_prefix_v`: [batch, n_heads, n_virtual, d_head]."""
+        pk, pv = self.prefix_kv(prefix, normed_hidden)
+        pk = self.hook_prefix_k(pk.expand(batch, -1, -1, -1).transpose(1, 2))  # [batch, P, n_heads, d_head]
+        pv = self.hook_prefix_v(pv.expand(batch, -1, -1, -1).transpose(1, 2))
+        return pk.transpose(1, 2), pv.transpose(1, 2)  # [batch, n_heads, P, d_head]
 
     def forward(
         self,

@@ -12,7 +12,7 @@ import math
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,7 @@ def collect(results_dir: str | Path, wall_seconds: float | None = None) -> dict[
     counts = {k: sum(1 for r in results.values() if r.get("status") == k) for k in statuses}
     doc = {
         "schema": SCHEMA, "kind": plan.get("kind", "reproduce"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "scale": plan.get("scale"), "seeds": plan.get("seeds", []), "step_factor": plan.get("step_factor", 1.0),
         "train_override": plan.get("train_override") or {}, "eval_examples_override": plan.get("eval_examples"),
         "executor": plan.get("executor", "local"),

@@ -4,8 +4,8 @@ One interface, `LayerAttention`, holds what a head saw and produced at one layer
 context method (a prefix or a leading soft prompt), restricted to the content queries:
 
     x          [batch, pos, d_model]                  attention input after the layer's norm
-    q          [batch, n_heads, pos, d_head]          content queries (after rotary, if any)
-    k, v       [batch, n_heads, pos, d_head]          content keys and values (GQA expanded)
+    q          [batch, n_heads, pos, d_head]          content queries (after rotary, if any: hook_rot_q)
+    k, v       [batch, n_heads, pos, d_head]          content keys (after rotary: hook_rot_k) and values (GQA expanded)
     prefix_k   [batch, n_heads, n_virtual, d_head]    prefix keys (GQA expanded)
     prefix_v   [batch, n_heads, n_virtual, d_head]
     pattern    [batch, n_heads, pos, n_virtual + pos] softmax over prefix keys, then content keys
@@ -66,12 +66,13 @@ class LayerAttention:
 
 _GPT_HOOKS = (
     "ln1.hook_normalized",
-    "attn.hook_q",
-    "attn.hook_k",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
     "attn.hook_v",
     "attn.hook_pattern",
     "attn.hook_z",
 )
+_GPT_PREFIX_HOOKS = ("attn.hook_prefix_k", "attn.hook_prefix_v")  # fire only on layers with a prefix
 
 
 def _gpt_attention(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -90,6 +91,13 @@ def _gpt_attention(attn: nn.Module, x: torch.Tensor, position_ids: torch.Tensor)
         for hp in hps:
             hp.clear()
     return seen["hook_pattern"], seen["hook_z"]
+
+
+def _with_prefix(c: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Every key ("k") or value ("v") one layer attended to, prefix first: [batch, n_keys, n_heads, d_head]."""
+    own = c["hook_rot_k"] if kind == "k" else c["hook_v"]  # [batch, seq, n_heads, d_head]
+    prefix = c.get(f"hook_prefix_{kind}")  # [batch, n_virtual, n_heads, d_head] or absent
+    return own if prefix is None else torch.cat([prefix, own], dim=1)
 
 
 @torch.no_grad()
@@ -117,7 +125,8 @@ def capture_gpt(
     """
     if model.training:
         raise ValueError("put the model in eval mode: dropout breaks the identity")
-    names = [f"blocks.{layer}.{h}" for layer in range(model.cfg.n_layers) for h in _GPT_HOOKS]
+    hooks = _GPT_HOOKS + _GPT_PREFIX_HOOKS
+    names = [f"blocks.{layer}.{h}" for layer in range(model.cfg.n_layers) for h in hooks]
     _, cache = model.run_with_cache(
         tokens, embeds=embeds, position_ids=position_ids, prefix=prefix, names_filter=names
     )
@@ -129,9 +138,9 @@ def capture_gpt(
     content_pos = position_ids[:, s:]  # [batch, pos]
     out = []
     for layer, block in enumerate(model.blocks):
-        c = {h.rsplit(".", 1)[-1]: cache[f"blocks.{layer}.{h}"] for h in _GPT_HOOKS}
-        k_all = c["hook_k"].transpose(1, 2)  # [batch, n_heads, n_keys, d_head]
-        v_all = c["hook_v"].transpose(1, 2)
+        c = {h.rsplit(".", 1)[-1]: cache[f"blocks.{layer}.{h}"] for h in hooks if f"blocks.{layer}.{h}" in cache}
+        k_all = _with_prefix(c, "k").transpose(1, 2)  # [batch, n_heads, n_keys, d_head] (post-rotary)
+        v_all = _with_prefix(c, "v").transpose(1, 2)
         n_pre = k_all.shape[2] - seq  # prefix keys from LayerPrefix; soft positions come after
         x = c["hook_normalized"][:, s:]  # [batch, pos, d_model]
         attn = block.attn
@@ -145,7 +154,7 @@ def capture_gpt(
             LayerAttention(
                 layer=layer,
                 x=x,
-                q=c["hook_q"][:, s:].transpose(1, 2),  # [batch, n_heads, pos, d_head]
+                q=c["hook_rot_q"][:, s:].transpose(1, 2),  # [batch, n_heads, pos, d_head]
                 k=k_all[:, :, n_pre + s :],
                 v=v_all[:, :, n_pre + s :],
                 prefix_k=k_all[:, :, : n_pre + s].expand(batch, -1, -1, -1),

@@ -32,7 +32,9 @@ from ctxtune.model import GPT
 from ctxtune.theory.attention import check_attention, check_output, prefix_mass
 from ctxtune.theory.capture import LayerAttention, _gpt_attention, capture_method
 
-_HOOKS = ("ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z")
+_HOOKS = (
+    "ln1.hook_normalized", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z"
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def capture_suffix(method: Method, tokens: torch.Tensor, n_prompt: int) -> list[
     out = []
     for layer, block in enumerate(model.blocks):
         c = {h.rsplit(".", 1)[-1]: cache[f"blocks.{layer}.{h}"] for h in _HOOKS}
-        k_all = c["hook_k"].transpose(1, 2)  # [batch, n_heads, seq, d_head]
+        k_all = c["hook_rot_k"].transpose(1, 2)  # [batch, n_heads, seq, d_head]
         v_all = c["hook_v"].transpose(1, 2)
         x = c["hook_normalized"][:, content_idx]  # [batch, pos, d_model]
         cols = torch.cat([suffix_idx, content_idx])
@@ -107,7 +109,7 @@ def capture_suffix(method: Method, tokens: torch.Tensor, n_prompt: int) -> list[
             LayerAttention(
                 layer=layer,
                 x=x,
-                q=c["hook_q"][:, content_idx].transpose(1, 2),  # [batch, n_heads, pos, d_head]
+                q=c["hook_rot_q"][:, content_idx].transpose(1, 2),  # [batch, n_heads, pos, d_head]
                 k=k_all[:, :, content_idx],
                 v=v_all[:, :, content_idx],
                 prefix_k=k_all[:, :, suffix_idx],  # [batch, n_heads, n_virtual, d_head], input-dependent

@@ -226,3 +226,12 @@ def save_weights(out: Path, method: Any) -> None:
         save_tensors(out / WEIGHTS["model"], model_state(method.model))
     else:
         save_tensors(out / WEIGHTS["adapter"], method.adapter_state())
+
+
+def save_run(out: str | Path, spec: RunSpec, model_config: Any, method: Any) -> Path:
+    """Write a run folder for a model or adapters made outside `train.run` (hand-built weights, imported or
+    edited adapters): config.json and the weights the method saves, no training log. Returns the folder."""
+    out = Path(out)
+    write_config(out, spec, model_config, method.n_adapters)
+    save_weights(out, method)
+    return out
