@@ -28,7 +28,16 @@ from ctxtune.theory.capture import LayerAttention
 from ctxtune.theory.cross_layer import CrossLayerChange, cross_layer_changes
 from ctxtune.train.runs import is_run_folder
 
-CONTEXT_METHODS = ("prefix", "prefix_kv", "soft_prompt")
+
+def context_methods() -> tuple[str, ...]:
+    """Methods `check attention` can build with P virtual tokens: virtual keys/values before the content
+    (the Section 4 identity applies) and an `n_virtual` option (method facts, not a list kept here)."""
+    from dataclasses import fields
+
+    from ctxtune.methods import get_method_class, list_methods
+
+    return tuple(k for k in list_methods() if get_method_class(k).identity == "holds"
+                 and "n_virtual" in {f.name for f in fields(get_method_class(k).config_cls)})
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 N_INPUTS, N_TOKENS = 2, 12
 
@@ -45,7 +54,7 @@ def _model_and_method(spec: str, method_key: str | None, length: int, seed: int,
         record = read_run(spec)
         model = load_run_model(spec).to(dtype).eval()
         trained = record.spec.method
-        if record.saves == "adapter" and method_key in (None, trained) and trained in CONTEXT_METHODS:
+        if record.saves == "adapter" and method_key in (None, trained) and trained in context_methods():
             return model, load_run_method(spec, model, adapter=0).to(dtype)
     else:
         from ctxtune.hf.backbone import load_backbone
@@ -71,8 +80,8 @@ def _captures(spec: str, method_key: str | None, length: int, seed: int, dtype: 
 
 def run_checks(model: str, method: str | None, length: int, seed: int, dtype: str) -> dict[str, Any]:
     """Everything `check attention` reports, as one JSON-ready dict."""
-    if method is not None and method not in CONTEXT_METHODS:
-        raise CtxtuneError(f"--method must be one of {', '.join(CONTEXT_METHODS)}, got {method!r}")
+    if method is not None and method not in context_methods():
+        raise CtxtuneError(f"--method must be one of {', '.join(context_methods())}, got {method!r}")
     if length < 1:
         raise CtxtuneError(f"--length must be at least 1, got {length}")
     if dtype not in DTYPES:

@@ -175,7 +175,7 @@ def diagnose_analysis(options: dict[str, Any], inputs: list[dict[str, Any]], see
 
 KINDS: dict[str, AnalysisKind] = {
     "decomposition": AnalysisKind(
-        {"examples": 64, "data_seed": 123}, ("prefix", "suffix"), decomposition_analysis
+        {"examples": 64, "data_seed": 123}, ("holds", "partial"), decomposition_analysis
     ),
     "diagnose": AnalysisKind(
         {"examples": 256, "expected": None, "compare": None, "success_accuracy": 0.5}, ("none",), diagnose_analysis

@@ -50,8 +50,6 @@ from ctxtune.methods import Method
 from ctxtune.model import GPT, ModelConfig
 from ctxtune.model.gpt import apply_rotary, rotary_tables
 
-CONTEXT_EXPORTS = ("prefix_kv", "prefix", "soft_prompt")
-PEFT_TYPES = {"prefix_kv": "PREFIX_TUNING", "prefix": "PREFIX_TUNING", "soft_prompt": "PROMPT_TUNING"}
 GPT2_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu"}
 TOL_COPIED = 1e-9  # float64 check, tensors copied: only float64 arithmetic differs (seen: ~1e-16)
 TOL_ROUNDED = 1e-6  # float64 check, keys/values computed then rounded to float32 once
@@ -263,11 +261,13 @@ def gpt2_files(model: GPT) -> dict[str, bytes]:
 # ----- PEFT -----------------------------------------------------------------------------------------
 def peft_refusal(method: Method) -> str | None:
     """Why `method` cannot be a PEFT adapter with the same logits (None: it can)."""
-    key = method.key
-    if key not in CONTEXT_EXPORTS:
+    from ctxtune.methods import get_method_class, list_methods
+
+    if method.peft_type is None:
+        exportable = [k for k in list_methods() if get_method_class(k).peft_type is not None]
         return (
-            f"method {key!r} has no PEFT prompt-learning counterpart; exportable methods: "
-            f"{', '.join(CONTEXT_EXPORTS)} (a full fine-tune exports as a model)"
+            f"method {method.key!r} has no PEFT prompt-learning counterpart; exportable methods: "
+            f"{', '.join(exportable)} (a full fine-tune exports as a model)"
         )
     policy, pos = method.config.position_policy, method.model.cfg.pos  # type: ignore[attr-defined]
     if policy == "shift" or pos == "none":
@@ -278,7 +278,7 @@ def peft_refusal(method: Method) -> str | None:
             f"positions 0..T-1, PEFT puts it at {method.config.n_virtual}..: no adapter reproduces that; "  # type: ignore[attr-defined]
             "train with position_policy 'shift' to export"
         )
-    if key == "soft_prompt":
+    if method.peft_type == "PROMPT_TUNING":
         return (
             "the run is a soft prompt under position_policy 'keep' on rotary positions: PEFT rotates the virtual "
             "tokens' own keys to positions 0..P-1 at every layer, which the adapter cannot undo; "
@@ -328,17 +328,18 @@ def peft_prompt_embeddings(method: Method, index: int = 0) -> tuple[torch.Tensor
     stored = next(method.parameters()).dtype
     cfg, policy = method.model.cfg, method.config.position_policy  # type: ignore[attr-defined]
     notes = [f"position_policy {policy!r} on {cfg.pos!r} positions"]
-    if method.key == "soft_prompt":
+    if method.peft_type == "PROMPT_TUNING":
         return method.select(method.virtual, ids)[0].detach().clone(), notes, False  # type: ignore[attr-defined]
     rotate = policy == "keep" and cfg.pos == "rotary"
-    computed = rotate or method.key == "prefix" or getattr(method.config, "reparam_dim", 0) > 0
+    tied = any(lp.hidden is not None for lp in method.layer_prefixes(ids))  # type: ignore[attr-defined]
+    computed = rotate or tied or getattr(method.config, "reparam_dim", 0) > 0
     with torch.no_grad():
         keys, values = _prefix_keys_values(_method_copy(method, torch.float64) if computed else method, ids)
         if rotate:
             p = method.config.n_virtual  # type: ignore[attr-defined]
             keys = _rotate_keys_to(keys, p, cfg.rotary_base)
             notes.append(f"keep -> PEFT's shifted content: prefix keys rotated by position {p}")
-        if method.key == "prefix":
+        if tied:
             notes.append("paper-form prefix: exported as the keys and values the frozen model makes of it")
         kv = torch.stack([keys, values], dim=1)  # [n_layers, 2, n_heads, P, d_head]
         n_layers, _, n_heads, p, d_head = kv.shape
@@ -360,7 +361,7 @@ def _method_copy(method: Method, dtype: torch.dtype) -> Method:
 def peft_config(method: Method, base_model: str | None = None) -> dict[str, Any]:
     """adapter_config.json of the PEFT export (the fields PEFT's PromptLearningConfig reads)."""
     cfg = method.model.cfg
-    kind = PEFT_TYPES[method.key]
+    kind = method.peft_type
     token_dim = cfg.n_heads * cfg.head_dim if kind == "PREFIX_TUNING" else cfg.d_model
     out: dict[str, Any] = {
         "peft_type": kind,

@@ -74,7 +74,7 @@ def load_peft_adapter(folder: str | Path) -> PeftAdapter:
         raise CtxtuneError(
             f"prompt_embeddings has {emb.shape[0]} rows, adapter_config says {p} virtual tokens"
         )
-    if kind == "soft_prompt":
+    if config["peft_type"] == "PROMPT_TUNING":
         return PeftAdapter(kind, {"embeds": emb}, config)
     n_layers, kvh, token_dim = (
         int(config["num_layers"]),
@@ -100,7 +100,7 @@ def peft_method(model: Any, adapter: PeftAdapter | str | Path) -> Any:
         adapter = load_peft_adapter(adapter)
     method = make_method(adapter.method, model, n_virtual=adapter.n_virtual, position_policy="shift")
     dtype = next(model.parameters()).dtype
-    if adapter.method == "soft_prompt":
+    if adapter.config["peft_type"] == "PROMPT_TUNING":
         state = {"virtual": adapter.tensors["embeds"][None].to(dtype)}  # [1, P, d_model]
     else:
         key, value = adapter.tensors["key"], adapter.tensors["value"]  # [n_layers, kvh, P, d_head] each

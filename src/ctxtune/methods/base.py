@@ -66,19 +66,22 @@ class Method(nn.Module, ABC):
         supports_bank: K adapters can train in one batch.
         saves: "adapter" (adapter.safetensors next to a base run) or "model" (model.safetensors: the
             whole model changes, so the run is itself a base).
-        identity: what the paper's Section 4 says about the method: "prefix" (virtual keys/values before
-            the content: relative content attention is only rescaled and the bias lies in the span of fixed
-            values, so the identity checks apply), "suffix" (after the input: relative attention holds, the
-            fixed-bias argument does not) or "none" (weights change: the identity does not apply).
+        identity: what the paper's Section 4 identity says about the method: "holds" (virtual keys/values
+            before the content: relative content attention is only rescaled and the bias lies in the span of
+            fixed values, so the identity checks apply), "partial" (virtual tokens after the input: relative
+            attention holds, the fixed-bias argument does not) or "none" (weights change: it does not apply).
         train_defaults: TrainConfig values a run of this method starts from (flags and specs override).
+        peft_type: the Hugging Face PEFT adapter type with the same computation ("PREFIX_TUNING",
+            "PROMPT_TUNING"), or None when PEFT has no prompt-learning counterpart (`ctxtune export peft`).
     """
 
     key: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
     supports_bank: ClassVar[bool] = True
     saves: ClassVar[str] = "adapter"
-    identity: ClassVar[str] = "prefix"
+    identity: ClassVar[str] = "holds"
     train_defaults: ClassVar[dict[str, Any]] = {"weight_decay": 0.01}
+    peft_type: ClassVar[str | None] = None
 
     def __init__(self, model: GPT, config: MethodConfig, n_adapters: int = 1) -> None:
         super().__init__()

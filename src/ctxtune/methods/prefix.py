@@ -77,6 +77,7 @@ class PrefixBase(Method):
 class Prefix(PrefixBase):
     key = "prefix"
     config_cls = PrefixConfig
+    peft_type = "PREFIX_TUNING"  # exported as the keys and values the frozen model makes of the hidden states
 
     def __init__(self, model: GPT, config: PrefixConfig, n_adapters: int = 1) -> None:
         super().__init__(model, config, n_adapters)

@@ -40,6 +40,7 @@ class PrefixKVConfig(PrefixConfig):
 class PrefixKV(PrefixBase):
     key = "prefix_kv"
     config_cls = PrefixKVConfig
+    peft_type = "PREFIX_TUNING"
     config: PrefixKVConfig
 
     def __init__(self, model: GPT, config: PrefixKVConfig, n_adapters: int = 1) -> None:

@@ -38,6 +38,7 @@ class SoftPromptConfig(MethodConfig):
 class SoftPrompt(Method):
     key = "soft_prompt"
     config_cls = SoftPromptConfig
+    peft_type = "PROMPT_TUNING"
     config: SoftPromptConfig
 
     def __init__(self, model: GPT, config: SoftPromptConfig, n_adapters: int = 1) -> None:

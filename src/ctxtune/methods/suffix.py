@@ -31,7 +31,8 @@ class Suffix(SoftPrompt):
 
     key = "suffix"
     config_cls = SuffixConfig
-    identity = "suffix"
+    identity = "partial"
+    peft_type = None  # PEFT's prompt tuning puts virtual tokens before the input only
 
     def prepare(self, tokens: torch.Tensor, adapter_ids: torch.Tensor | None, n_prompt: int) -> Prepared:
         virtual = self.select(self.virtual, adapter_ids)

@@ -125,7 +125,7 @@ def capture_suffix(method: Method, tokens: torch.Tensor, n_prompt: int) -> list[
 
 def capture_virtual(method: Method, tokens: torch.Tensor, n_prompt: int) -> list[LayerAttention]:
     """`capture_suffix` for a suffix, the theory's `capture_method` for prefixes and soft prompts."""
-    if method.identity == "suffix":
+    if method.identity == "partial":
         return capture_suffix(method, tokens, n_prompt)
     return capture_method(method, tokens)
 

@@ -149,8 +149,9 @@ class RunSpec:
         if len(streams) > 1 and not cls.supports_bank:
             raise ConfigError(f"method {self.method!r} trains one adapter per run; give one task")
         if self.kind == "pretrain":
-            if self.method != "full" or not isinstance(self.model, ModelConfig) or self.base is not None:
-                raise ConfigError("a pretraining run needs a model config, method 'full' and no base")
+            if cls.saves != "model" or not isinstance(self.model, ModelConfig) or self.base is not None:
+                raise ConfigError("a pretraining run needs a model config, a method that trains every weight "
+                                  "(full) and no base")
         elif self.base is None or not isinstance(self.base, str) or self.model is not None:
             raise ConfigError("a tuning run needs a base (a run folder or a Hugging Face model) and no model config")
         options = self.options if isinstance(self.options, dict) else None

@@ -161,7 +161,7 @@ class Trainer:
         need, detail = training_bytes(
             method.model.cfg,
             n_trainable=sum(p.numel() for p in self.params),
-            trains_model=method.key == "full",
+            trains_model=method.saves == "model",
             rows=rows,
             positions=positions,
             prefix_keys=prefix_keys,
