@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ctxtune.errors import ConfigError, CtxtuneError
-from ctxtune.model.gpt import LayerPrefix
+from ctxtune.model.gpt import LayerPrefix, check_token_ids
 from ctxtune.theory.capture import LayerAttention, register_capture
 
 ATTN_NAME = "ctxtune_eager"
@@ -254,9 +254,7 @@ class HFBackbone(nn.Module):
 
     # ----- what methods use --------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.is_cpu and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise CtxtuneError(f"token id out of range: ids must be in [0, {self.cfg.d_vocab - 1}], "
-                               f"got min {int(tokens.min())}, max {int(tokens.max())}")
+        check_token_ids(tokens, self.cfg.d_vocab)
         return self.embed(tokens)
 
     def default_position_ids(self, batch: int, pos: int, offset: int, device: torch.device) -> torch.Tensor:
