@@ -102,11 +102,15 @@ class Expansion:
         return RunSpec(train=train, eval=EvalSpec(fields.pop("n_eval")), device=self.common["device"],
                        threads=threads, **fields)
 
-    def add_base(self, study: StudySpec, b: BaseSpec) -> dict[int, str]:
-        """Pretraining jobs of base `b`; returns seed -> job id."""
+    def add_base(self, study: StudySpec, b: BaseSpec) -> dict[int, Any]:
+        """Pretraining jobs of base `b`; returns seed -> job id (or, for an existing model, its BaseRef)."""
         from ctxtune.model import ModelConfig
+        from ctxtune.train.runs import resolve_base
         from ctxtune.train.spec import StreamSpec
 
+        if b.source is not None:
+            ref = resolve_base(b.source)  # validated (exists, readable) before anything runs
+            return dict.fromkeys(range(self.seeds), ref)
         s = b.scales[self.scale]
         key = base_key(study.name, b, self.scale)
         ids: dict[int, str] = {}
@@ -132,7 +136,7 @@ class Expansion:
                     ids[sd] = job_id
         return ids
 
-    def add_adaptation(self, study: StudySpec, a: AdaptationSpec, base_ids: dict[int, str]) -> dict[int, str]:
+    def add_adaptation(self, study: StudySpec, a: AdaptationSpec, base_ids: dict[int, Any]) -> dict[int, str]:
         """Tuning jobs of adaptation `a`; returns seed -> job id."""
         from ctxtune.model import ModelConfig
         from ctxtune.train.spec import StreamSpec, check_fits
@@ -141,19 +145,24 @@ class Expansion:
         groups = [list(range(self.seeds))] if a.stack_seeds else [[sd] for sd in range(self.seeds)]
         ids: dict[int, str] = {}
         for group in groups:
-            base_job = self.bases[base_ids[group[0]]]
+            base = base_ids[group[0]]
+            if isinstance(base, str):  # a pretraining job of this plan
+                base_job = self.bases[base]
+                base_dir, deps = base_job["out_dir"], [base_job["id"]]
+                base_cfg = ModelConfig.from_dict(base_job["spec"]["model"])
+            else:  # an existing model
+                base_dir, deps, base_cfg = base.source, [], base.model_config
             train, n_eval = self.train_table(s.train, group[0])
             streams = tuple(StreamSpec(t, seed=sd, index=k, eval_tasks=tuple(a.eval_tasks or [t]), row=f"{a.name}.{t}")
                             for sd in group for k, t in enumerate(a.tasks))
-            base_cfg = ModelConfig.from_dict(base_job["spec"]["model"])
             spec = self.spec(base_cfg, kind="tune", method=a.method, streams=streams, train=train, n_eval=n_eval,
-                             options=dict(s.options), base=base_job["out_dir"])
+                             options=dict(s.options), base=base_dir)
             check_fits(spec, base_cfg)
             tag = f"s{group[0]}" if len(group) == 1 else f"s{group[0]}-{group[-1]}"
             job_id = f"{study.name}/{a.name}/{tag}"
             self.others.append({"id": job_id, "kind": "train", "spec": spec.to_dict(),
                                 "out_dir": str(self.out / "runs" / study.name / f"{a.name}-{tag}"),
-                                "depends_on": [base_job["id"]], "study": study.name, "adaptation": a.name})
+                                "depends_on": deps, "study": study.name, "adaptation": a.name})
             ids.update({sd: job_id for sd in group})
         return ids
 

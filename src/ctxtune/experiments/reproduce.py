@@ -19,8 +19,9 @@ from ctxtune.experiments.spec import GROUPS, SCALES, StudySpec, get_study, list_
 def study_plan(study: StudySpec, scale: str) -> dict[str, Any]:
     """What the report needs to know about a study at one scale (JSON)."""
     bases = {
-        b.name: {"task": b.task, "job_key": base_key(study.name, b, scale), "per_seed": b.per_seed,
-                 "eval_tasks": list(b.eval_tasks), "model": b.scales[scale].model, "train": b.scales[scale].train}
+        b.name: {"source": b.source} if b.source is not None else
+        {"task": b.task, "job_key": base_key(study.name, b, scale), "per_seed": b.per_seed,
+         "eval_tasks": list(b.eval_tasks), "model": b.scales[scale].model, "train": b.scales[scale].train}
         for b in study.bases.values()
     }
     adaptations = {

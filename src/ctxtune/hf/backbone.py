@@ -223,6 +223,13 @@ class HFConfig:
     tie_embeddings: bool
     source: str = ""
 
+    # What the memory estimates (ctxtune.limits) read of a model config: a Hugging Face decoder has an MLP,
+    # normalisation before attention, and (for the estimate) biases.
+    mlp: bool = True
+    attn_norm: bool = True
+    bias: bool = True
+    norm: str = "rmsnorm"
+
     def to_dict(self) -> dict[str, Any]:
         return {"hf": True, **asdict(self)}
 
@@ -234,8 +241,10 @@ def hf_config(model: nn.Module, source: str = "") -> HFConfig:
     mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * lay.d_model
     n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    llama = lay.family == "llama"
     return HFConfig(lay.family, lay.n_layers, lay.n_heads, lay.n_kv_heads, lay.d_model, lay.d_head, int(mlp),
-                    int(cfg.vocab_size), int(n_ctx), "rotary" if lay.family == "llama" else "learned", tied, source)
+                    int(cfg.vocab_size), int(n_ctx), "rotary" if llama else "learned", tied, source,
+                    norm="rmsnorm" if llama else "layernorm")
 
 
 class HFBackbone(nn.Module):
