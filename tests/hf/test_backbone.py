@@ -140,3 +140,18 @@ def test_load_model_folder_and_errors(tiny_gpt2: torch.nn.Module, tmp_path: obje
     with pytest.raises(CtxtuneError, match="neither"):
         load_model(str(tmp_path))
     assert hf_layout(model).family == "gpt2"
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("policy", ["keep", "shift"])
+def test_precomputed_soft_prompt_on_hf(request: pytest.FixtureRequest, name: str, policy: str) -> None:
+    """The soft prompt run once as a key/value prefix equals the spliced sequence on Hugging Face models."""
+    model = _backbone(request, name, torch.float64)
+    plain = make_method("soft_prompt", model, 2, n_virtual=4, position_policy=policy).double()
+    fast = make_method("soft_prompt", model, 2, n_virtual=4, position_policy=policy, precompute=True).double()
+    fast.load_adapter_state(plain.adapter_state())
+    ids = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(0))
+    route = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids, route), fast(ids, route), atol=1e-10, rtol=0)
+        assert torch.equal(plain.generate(ids[:, :4], 3, route), fast.generate(ids[:, :4], 3, route))

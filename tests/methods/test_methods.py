@@ -19,12 +19,15 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "suffix": {"n_virtual": 2},
     "lora": {"rank": 2, "targets": ["q", "k", "v", "o", "mlp_in", "mlp_out"]},
     "full": {},
+    "none": {},
 }
 VARIANTS = [(k, OPTIONS[k]) for k in OPTIONS] + [
     ("prefix_kv", {"n_virtual": 3, "reparam_dim": 8}),
     ("soft_prompt", {"n_virtual": 2, "position_policy": "shift"}),
     ("suffix", {"n_virtual": 2, "position_policy": "shift"}),
     ("prefix", {"n_virtual": 2, "position_policy": "shift"}),
+    ("soft_prompt", {"n_virtual": 3, "precompute": True}),
+    ("soft_prompt", {"n_virtual": 2, "position_policy": "shift", "precompute": True}),
 ]
 IDS = [f"{k}-{i}" for i, (k, _) in enumerate(VARIANTS)]
 
@@ -38,7 +41,7 @@ def closed_form(key: str, cfg: ModelConfig, opts: dict[str, Any], K: int = 1) ->
     """The documented formulas, written out independently of the method classes."""
     L, d, H, dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim
     P = opts.get("n_virtual", 0)
-    if key in ("hard_prompt", "in_context"):
+    if key in ("hard_prompt", "in_context", "none"):
         return 0
     if key in ("soft_prompt", "suffix"):
         return K * P * d
@@ -112,7 +115,7 @@ def test_initial_effect(key: str, opts: dict[str, Any]) -> None:
     tokens = torch.randint(0, 10, (2, 20))
     base = model(tokens)
     adapted = make_method(key, model, **opts).double()(tokens, n_prompt=10)
-    if key in ("lora", "full"):
+    if key in ("lora", "full", "none"):  # weight methods start at the identity; "none" is the identity
         assert torch.allclose(adapted, base, atol=1e-12)
     else:
         assert not torch.allclose(adapted, base)
@@ -145,6 +148,8 @@ def test_state_roundtrip_through_safetensors(key: str, opts: dict[str, Any], tmp
     ("key", "opts"), [v for v in VARIANTS if v[0] != "full"], ids=[i for i in IDS if "full" not in i]
 )
 def test_bank_routes_each_example_to_its_adapter(key: str, opts: dict[str, Any]) -> None:
+    if key == "none":
+        pytest.skip("no adaptation: every adapter of a bank is the same identity")
     model = fresh_model()
     bank = make_method(key, model, n_adapters=3, **opts).double()
     gen = torch.Generator().manual_seed(5)
@@ -211,3 +216,29 @@ def test_bad_options_are_config_errors(key: str, bad: dict[str, Any], match: str
 
     with pytest.raises(ConfigError, match=match):
         make_method(key, fresh_model(), **bad)
+
+
+@pytest.mark.parametrize("policy", ["keep", "shift"])
+@pytest.mark.parametrize("pos", ["learned", "rotary"])
+def test_precomputed_soft_prompt_is_the_spliced_computation(policy: str, pos: str) -> None:
+    """Running the virtual tokens once and feeding their keys/values as a prefix is exact (float64), for one
+    adapter and for a bank, in training and in KV-cached decoding; the gradients agree too."""
+    model = fresh_model(pos)
+    tokens = torch.randint(0, 10, (6, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = make_method("soft_prompt", model, 3, n_virtual=4, position_policy=policy).double()
+    fast = make_method("soft_prompt", model, 3, n_virtual=4, position_policy=policy, precompute=True).double()
+    fast.load_adapter_state(plain.adapter_state())
+    a, b = plain(tokens, ids), fast(tokens, ids)
+    assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert torch.allclose(plain.virtual.grad, fast.virtual.grad, atol=1e-10)
+    assert torch.equal(plain.generate(tokens[:, :5], 4, ids), fast.generate(tokens[:, :5], 4, ids))
+
+
+def test_precompute_is_refused_for_a_suffix() -> None:
+    from ctxtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precompute does not apply"):
+        make_method("suffix", fresh_model(), n_virtual=2, precompute=True)

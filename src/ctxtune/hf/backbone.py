@@ -48,6 +48,7 @@ class _State:
     kv_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     prefix: LayerPrefix | None = None
     record: dict[str, torch.Tensor] | None = None
+    keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the call's own keys and values
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.prefix is None:
@@ -73,6 +74,8 @@ def _attention(
     """
     state: _State | None = getattr(module, _STATE, None)
     batch, n_heads, tq, d_head = query.shape
+    if state is not None and state.keep_kv is not None:
+        state.keep_kv.append((key, value))  # [b, kvh, Tk, d]: rotated, not yet expanded to the query heads
     pre = state.prefix_kv() if state is not None else None
     n_pre = 0
     if pre is not None:
@@ -277,6 +280,20 @@ class HFBackbone(nn.Module):
         """The block's linear maps by role (q, k, v, o, mlp_in, mlp_gate, mlp_out): (parent module, attribute)."""
         block = self.blocks[layer]
         return {role: (getattr(block, child), attr) for role, (child, attr) in self.layout.sites.items()}
+
+    def prefix_from_embeds(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> list[LayerPrefix]:
+        """Each layer's keys and values of a run over `embeds` alone [K, P, d_model] (differentiable), as
+        prefixes [K, n_kv_heads, P, d_head] (see GPT.prefix_from_embeds)."""
+        x, position_ids = self._no_position(embeds, position_ids)
+        states = [getattr(attn, _STATE) for attn in self.layout.attn]
+        for st in states:
+            st.keep_kv = []
+        try:
+            self.hf.base_model(inputs_embeds=x, position_ids=position_ids, use_cache=False)
+            return [LayerPrefix(key=st.keep_kv[0][0], value=st.keep_kv[0][1]) for st in states]  # type: ignore[index]
+        finally:
+            for st in states:
+                st.keep_kv = None
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache

@@ -18,7 +18,7 @@ from ctxtune.methods.base import Method, MethodConfig, Prepared
 from ctxtune.methods.prefix import check_virtual_options
 from ctxtune.methods.registry import register_method
 from ctxtune.methods.splice import splice, splice_offset
-from ctxtune.model.gpt import GPT
+from ctxtune.model.gpt import GPT, LayerPrefix
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,14 @@ class SoftPromptConfig(MethodConfig):
     position_policy: str = "keep"
     init: str = "vocab"  # "vocab": embeddings of random tokens; "randn": N(0, init_std^2)
     init_std: float = 1.0
+    precompute: bool = False  # run the virtual tokens once per batch and feed the content their keys/values
 
     def __post_init__(self) -> None:
         check_virtual_options(self)
         if self.init not in ("vocab", "randn"):
             raise ConfigError(f"soft prompt init must be 'vocab' or 'randn', got {self.init!r}")
+        if not isinstance(self.precompute, bool):
+            raise ConfigError(f"soft prompt precompute must be true or false, got {self.precompute!r}")
 
 
 @register_method
@@ -61,7 +64,24 @@ class SoftPrompt(Method):
         return self.n_adapters * self.config.n_virtual * self.model.cfg.d_model
 
     def prepare(self, tokens: torch.Tensor, adapter_ids: torch.Tensor | None, n_prompt: int) -> Prepared:
+        if self.config.precompute:
+            return self.prepare_precomputed(tokens, adapter_ids)
         return splice(self.model, tokens, self.select(self.virtual, adapter_ids), 0, self.config.position_policy)
+
+    def prepare_precomputed(self, tokens: torch.Tensor, adapter_ids: torch.Tensor | None) -> Prepared:
+        """The same computation as the spliced sequence, in two passes: the virtual tokens come first and never
+        see the content, so every layer's keys and values of theirs are the same for every example. Run them
+        once per adapter (not once per example), then the content with those keys/values as a prefix. Exact up
+        to float rounding (tested); faster when n_virtual is large against the content."""
+        batch, seq = tokens.shape
+        K, P = self.virtual.shape[:2]
+        shift = self.config.position_policy == "shift"
+        own = torch.arange(P, device=tokens.device) if shift else torch.full((P,), -1, device=tokens.device)
+        layers = self.model.prefix_from_embeds(self.virtual, own.expand(K, P))  # [K, kv_heads, P, d_head] each
+        prefix = [LayerPrefix(key=self.select(lp.key, adapter_ids), value=self.select(lp.value, adapter_ids))
+                  for lp in layers]
+        positions = self.model.default_position_ids(batch, seq, P if shift else 0, tokens.device)
+        return Prepared(tokens, None, positions, prefix, torch.arange(seq, device=tokens.device))
 
     def content_offset(self, index: int, n_prompt: int) -> int:
         return splice_offset(self.config.position_policy, index, 0, self.config.n_virtual)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ctxtune.errors import ConfigError
 from ctxtune.methods.base import Prepared
 from ctxtune.methods.registry import register_method
 from ctxtune.methods.soft_prompt import SoftPrompt, SoftPromptConfig
@@ -22,7 +23,13 @@ from ctxtune.methods.splice import splice, splice_offset
 
 @dataclass(frozen=True)
 class SuffixConfig(SoftPromptConfig):
-    """Same options as a soft prompt: n_virtual, position_policy, init, init_std."""
+    """Same options as a soft prompt: n_virtual, position_policy, init, init_std (not precompute: a suffix sees
+    the input, so its keys and values differ from example to example)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.precompute:
+            raise ConfigError("suffix: precompute does not apply (a suffix's keys and values depend on the input)")
 
 
 @register_method

@@ -378,6 +378,14 @@ class GPT(HookedModule):
         x = self.ln_final(x)
         return x if return_hidden else self.unembed(x)
 
+    def prefix_from_embeds(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> list[LayerPrefix]:
+        """Each layer's keys and values of a run over `embeds` alone [K, P, d_model] (differentiable), as
+        prefixes [K, n_heads, P, d_head]: what leading virtual tokens contribute, since they never see later
+        tokens (a soft prompt computed once per batch instead of once per example)."""
+        cache = self.new_cache()
+        self(embeds=embeds, position_ids=position_ids, cache=cache, return_hidden=True)
+        return [LayerPrefix(key=layer.key, value=layer.value) for layer in cache.layers]
+
     def new_cache(self) -> KVCache:
         """An empty KV cache for incremental decoding."""
         return KVCache(self.cfg.n_layers)
