@@ -91,11 +91,12 @@ def reproduce(
     out_dir = Path(out if out is not None else f"results/{scale}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a folder")
-    workers = workers or usable_cores()
-    runner = get_executor(executor, workers, threads=threads)
     jobs = expand(studies, scale, seeds, out_dir, device=device, step_factor=step_factor,
                   train_override=train_override, eval_examples=eval_examples, threads=threads or 0,
                   precision=precision)
+    widest = max((j["spec"]["threads"] for j in jobs if j["kind"] == "train"), default=1)
+    workers = workers or max(1, usable_cores() // widest)  # the cores, shared without oversubscribing
+    runner = get_executor(executor, workers, threads=threads)
     plan = {
         "kind": "reproduce", "scale": scale, "seeds": list(range(seeds)), "step_factor": step_factor,
         "executor": executor, "workers": workers, "precision": precision, "device": device,
