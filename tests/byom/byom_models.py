@@ -1,0 +1,62 @@
+"""Helpers of the "bring your own model" tests: random Llama and GPT-2 folders saved with save_pretrained (with a
+character tokenizer), adapters trained with PEFT itself, and a JSONL task file. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 :=>+-.,?"
+VOCAB = 64
+
+
+def char_tokenizer() -> object:
+    """A character-level fast tokenizer (BOS <s> before every text, ids < 48)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: 3 + i for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+def save_model(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def train_peft(base: Path, config: object, out: Path, steps: int = 3) -> Path:
+    """A PEFT adapter trained a few Adam steps on random sequences, saved with save_pretrained (safetensors)."""
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    pm = peft.get_peft_model(model, config)
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    tokens = torch.randint(3, 48, (4, 12), generator=torch.Generator().manual_seed(2))
+    for _ in range(steps):
+        loss = pm(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.save_pretrained(out)
+    return out
+
+
+def write_task(path: Path, n: int = 80) -> Path:
+    """A JSONL task: reverse a 2-4 letter word (prompts and completions of several lengths)."""
+    gen = torch.Generator().manual_seed(5)
+    lines = []
+    for i in range(n):
+        length = 2 + i % 3
+        word = "".join("abcdefgh"[int(j)] for j in torch.randint(0, 8, (length,), generator=gen))
+        lines.append(json.dumps({"prompt": f"rev {word}:", "completion": word[::-1]}))
+    path.write_text("\n".join(dict.fromkeys(lines)) + "\n")
+    return path
