@@ -60,3 +60,36 @@ def write_task(path: Path, n: int = 80) -> Path:
         lines.append(json.dumps({"prompt": f"rev {word}:", "completion": word[::-1]}))
     path.write_text("\n".join(dict.fromkeys(lines)) + "\n")
     return path
+
+
+def greedy_peft(base: Path, adapter: Path | None, prompt_ids: list[int], n_new: int) -> list[int]:
+    """Greedy continuation of one prompt by the base model with a PEFT adapter (PEFT's own forward)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(n_new):
+            nxt = model.eval()(input_ids=ids).logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return ids[0, len(prompt_ids) :].tolist()
+
+
+def labelled_task(path: Path, base: Path, adapter: Path | None, n: int = 24) -> tuple[Path, float, int]:
+    """A JSONL task whose completions are the adapted model's own greedy output on every other prompt (and a wrong
+    one on the rest): (the file, the test-split accuracy the adapted model must therefore score exactly, the
+    number of test examples)."""
+    from ctxtune.tasks.user import text_split
+
+    lines, right, test = [], 0, 0
+    for i in range(n):
+        prompt = f"w{i}{'xyz'[: i % 3]}:"
+        out = greedy_peft(base, adapter, [0] + [3 + CHARS.index(c) for c in prompt], 2)
+        own = "".join(CHARS[t - 3] if 3 <= t < 3 + len(CHARS) else "" for t in out)
+        correct = len(own) == 2 and i % 2 == 0
+        completion = own if correct else "".join("q" if c != "q" else "r" for c in (own + "qq")[:2])
+        lines.append(json.dumps({"prompt": prompt, "completion": completion}))
+        if text_split(prompt) == "test":
+            test, right = test + 1, right + correct
+    path.write_text("\n".join(lines) + "\n")
+    return path, right / test, test
