@@ -93,3 +93,11 @@ def labelled_task(path: Path, base: Path, adapter: Path | None, n: int = 24) -> 
             test, right = test + 1, right + correct
     path.write_text("\n".join(lines) + "\n")
     return path, right / test, test
+
+
+def constant_task(path: Path, completion: str = " ok", n: int = 40) -> Path:
+    """A JSONL task every prompt of which has the same completion (a tiny LoRA learns it in a few dozen steps)."""
+    words = ["".join(CHARS[(7 * i + 3 * j) % 26] for j in range(2 + i % 3)) for i in range(n)]
+    lines = [json.dumps({"prompt": f"say {w}:", "completion": completion}) for w in dict.fromkeys(words)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,4 +1,5 @@
-"""`--adapter PATH` of `check attention`, `eval` and `diagnose`: a trained adapter the user brings.
+"""What users bring to `check attention`, `eval` and `diagnose`: a trained adapter (`--adapter PATH`) and a task
+file (`--task-file FILE`, see `ctxtune.tasks.user`).
 
 PATH is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors: prefix tuning, prompt tuning,
 LoRA) or a ctxtune run folder (a `tune` run: its adapter on its base; a `full` fine-tuning run). A PEFT
@@ -121,3 +122,15 @@ def _open_run(path: Path, index: int, dtype: torch.dtype) -> Adapter:
     base = record.base().source
     return Adapter(method, str(path), "run", base, f"ctxtune {record.spec.method} run (adapter {index}, task "
                    f"{stream.task})", stream.task, record.spec.train.placeholders)
+
+
+def file_task(path: str | Path, base_source: str) -> Any:
+    """A JSONL task file tokenised by the base model's tokenizer (a Hugging Face model's), registered by its name."""
+    from ctxtune.hf.text import encoders, model_tokenizer
+    from ctxtune.tasks.user import text_task_from_file
+    from ctxtune.train.runs import resolve_base
+
+    if resolve_base(base_source).kind != "hf":
+        raise ConfigError(f"--task-file needs a Hugging Face base model (its tokenizer); {base_source} is a ctxtune "
+                          "run: give a task by name (--task)")
+    return text_task_from_file(path, *encoders(model_tokenizer(base_source)), tokenizer=base_source)

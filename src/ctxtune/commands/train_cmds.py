@@ -233,6 +233,7 @@ def eval_cmd(
 
     Example: ctxtune eval --adapter adapters/lora --base models/llama --task-file task.jsonl
     """
+    from ctxtune.commands.adapters import file_task
     from ctxtune.train.evaluate import evaluate
 
     if adapter is not None and adapter.isdigit() and not Path(adapter).exists():
@@ -248,7 +249,7 @@ def eval_cmd(
     method, base_source, placeholders = _eval_target(run, adapter, base, index)
     names = list(task or [])
     if task_file is not None:
-        names.append(_file_task(task_file, base_source).name)
+        names.append(file_task(task_file, base_source).name)
     task_objs = [get_task(t) for t in names]
     counts = [examples or _default_examples(t) for t in task_objs]
     k = 0 if method.n_adapters == 1 else index
@@ -279,18 +280,6 @@ def _eval_target(run: Path | None, adapter: str | None, base: str | None, index:
         raise ConfigError(f"--index {index} out of range: the run has {len(record.spec.streams)} adapter(s)")
     source = record.base().source if record.spec.kind == "tune" else str(run)
     return load_run_method(run), source, record.spec.train.placeholders
-
-
-def _file_task(path: Path, base_source: str) -> Any:
-    """The JSONL task file tokenised by the base model's tokenizer (a Hugging Face model's)."""
-    from ctxtune.hf.text import encoders, model_tokenizer
-    from ctxtune.tasks.user import text_task_from_file
-    from ctxtune.train.runs import resolve_base
-
-    if resolve_base(base_source).kind != "hf":
-        raise ConfigError(f"--task-file needs a Hugging Face base model (its tokenizer); {base_source} is a ctxtune "
-                          "run: give a task by name (--task)")
-    return text_task_from_file(path, *encoders(model_tokenizer(base_source)), tokenizer=base_source)
 
 
 def _default_examples(task: Any) -> int:

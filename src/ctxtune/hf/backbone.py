@@ -226,6 +226,24 @@ class HFConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"hf": True, **asdict(self)}
 
+    # What `ctxtune.limits` reads of a ModelConfig for its memory estimates (a Llama's gated MLP has a third
+    # matrix the estimate does not count: a lower bound by d_model * mlp_dim per layer).
+    @property
+    def mlp(self) -> bool:
+        return True
+
+    @property
+    def attn_norm(self) -> bool:
+        return True
+
+    @property
+    def norm(self) -> str:
+        return "layernorm" if self.family == "gpt2" else "rmsnorm"
+
+    @property
+    def bias(self) -> bool:
+        return self.family == "gpt2"
+
 
 def hf_config(model: nn.Module, source: str = "") -> HFConfig:
     """The HFConfig of a loaded model (the family is recognised from its modules)."""

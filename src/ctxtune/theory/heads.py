@@ -84,8 +84,8 @@ class Diagnosis:
     diagnosis is inconclusive)."""
 
     task: str
-    steps: int
-    rank: int
+    steps: int | None
+    rank: int | None
     lora_accuracy: float | None
     lora_loss: float | None
     heads: list[HeadDiagnosis]
@@ -266,8 +266,9 @@ def table(diag: Diagnosis) -> str:
     """Plain-text per-head table plus the verdict."""
     acc = "unknown" if diag.lora_accuracy is None else f"{100 * diag.lora_accuracy:.1f}%"
     targets = f" on {', '.join(diag.targets)}" if diag.targets else ""
+    steps = "given (not fitted here)" if diag.steps is None else f"{diag.steps} steps"
     lines = [
-        f"task {diag.task}: LoRA rank {diag.rank}{targets}, {diag.steps} steps, accuracy {acc}",
+        f"task {diag.task}: LoRA rank {diag.rank}{targets}, {steps}, accuracy {acc}",
         f"{'head':>5} {'change':>8} {'unexpl.':>8} {'attn TV':>8} {'alpha':>6}  flag",
     ]
     for h in diag.heads:
