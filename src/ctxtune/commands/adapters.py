@@ -80,7 +80,7 @@ def open_adapter(path: str | Path, base: str | None = None, index: int = 0,
                       "folder (config.json of a run)")
 
 
-def _peft_base(path: Path, base: str | None) -> str:
+def peft_base(path: Path, base: str | None) -> str:
     from ctxtune.hf.adapters import read_adapter_config
 
     if base:
@@ -96,7 +96,7 @@ def _open_peft(path: Path, base: str | None, dtype: torch.dtype) -> Adapter:
     from ctxtune.hf.adapters import describe_peft, peft_adapter_method
     from ctxtune.train.runs import resolve_base
 
-    source = _peft_base(path, base)
+    source = peft_base(path, base)
     ref = resolve_base(source)
     if ref.kind != "hf":
         raise ConfigError(f"a PEFT adapter needs a Hugging Face base model, got the ctxtune run {source}")

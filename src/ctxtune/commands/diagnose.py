@@ -43,12 +43,13 @@ def fit_targets(base: Any) -> list[str]:
 
 
 def lora_fit_spec(base: str, task: str, steps: int, rank: int, lr: float, seed: int, eval_examples: int,
-                  targets: list[str] | None = None):  # noqa: ANN201
+                  targets: list[str] | None = None, batch_size: int | None = None):  # noqa: ANN201
     """The RunSpec of the diagnostic's LoRA fit: rank r on `targets` (q, k, v, o) of every block, alpha = r, cosine."""
     from ctxtune.train import RunSpec, StreamSpec, TrainConfig
 
+    batch = {} if batch_size is None else {"batch_size": batch_size}
     train = TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), schedule="cosine", min_lr_ratio=0.1,
-                        weight_decay=0.0, seed=seed, eval_examples=eval_examples)
+                        weight_decay=0.0, seed=seed, eval_examples=eval_examples, **batch)
     options = {"rank": rank, "alpha": float(rank), "targets": list(targets or ATTENTION_ROLES)}
     return RunSpec("tune", "lora", (StreamSpec(task, seed=seed),), train, options=options, base=base)
 
@@ -81,7 +82,7 @@ def fit_and_diagnose(base: str, task: Any, args: dict[str, Any], out: Path | Non
     ref = _base_ref(base)
     targets = args["targets"] or fit_targets(ref)
     spec = lora_fit_spec(base, task.name, args["steps"], args["rank"], args["lr"], args["seed"],
-                         capped_examples(task, args["eval_examples"]), targets)
+                         capped_examples(task, args["eval_examples"]), targets, args["batch_size"])
     spec.check_inputs()
     with tempfile.TemporaryDirectory(prefix="ctxtune-diagnose-") as tmp:
         folder = out if out is not None else Path(tmp) / "lora"
@@ -122,8 +123,10 @@ def _base_ref(base: str) -> Any:
 
 
 def _check_numbers(args: dict[str, Any], plot: Path | None) -> None:
-    if args["examples"] < 1 or args["eval_examples"] < 1 or args["rank"] < 1 or args["steps"] < 1 or args["seed"] < 0:
-        raise ConfigError("--steps, --rank, --examples and --eval-examples must be positive and --seed non-negative")
+    sizes = [args[k] for k in ("examples", "eval_examples", "rank", "steps")] + [args["batch_size"] or 1]
+    if min(sizes) < 1 or args["seed"] < 0:
+        raise ConfigError("--steps, --rank, --batch-size, --examples and --eval-examples must be positive and --seed "
+                          "non-negative")
     if plot is not None and plot.suffix.lower() != ".png":
         raise ConfigError(f"--plot must name a .png file, got {plot}")
 
@@ -140,6 +143,8 @@ def diagnose_cmd(
     steps: int = typer.Option(300, help="LoRA training steps."),
     rank: int = typer.Option(4, help="LoRA rank."),
     lr: float = typer.Option(1e-2, help="LoRA learning rate (cosine)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="LoRA training examples per step (default: the "
+                                   "trainer's)."),
     targets: str = typer.Option(None, help="LoRA targets, comma-separated (default q,k,v,o where the model has them)."),
     seed: int = typer.Option(0, help="Seed of the LoRA fit and the analysis data."),
     examples: int = typer.Option(256, help="Test examples for the per-head analysis (a task file: at most its test "
@@ -161,14 +166,15 @@ def diagnose_cmd(
     from ctxtune.theory.heads import Diagnosis, HeadDiagnosis, heatmap, table
 
     args = {"steps": steps, "rank": rank, "lr": lr, "seed": seed, "examples": examples, "eval_examples": eval_examples,
+            "batch_size": batch_size,
             "targets": [t.strip() for t in targets.split(",") if t.strip()] if targets else None}
     _check_numbers(args, plot)
     start = time.perf_counter()
     if adapter is not None:
         if out is not None:
             raise ConfigError("--out keeps a LoRA fit; with --adapter nothing is fitted")
-        task_obj = None if task is None and task_file is None else resolve_task(task, task_file, _adapter_base(adapter,
-                                                                                                             base))
+        given = task is not None or task_file is not None
+        task_obj = resolve_task(task, task_file, adapter_base(adapter, base)) if given else None
         result = diagnose_adapter(adapter, base, task_obj, args)
     else:
         if base is None:
@@ -184,14 +190,14 @@ def diagnose_cmd(
         typer.echo(table(diag))
 
 
-def _adapter_base(adapter: str, base: str | None) -> str:
+def adapter_base(adapter: str, base: str | None) -> str:
     """The base model whose tokenizer reads a task file for --adapter: --base, or the run's / PEFT config's base."""
-    from ctxtune.commands.adapters import _peft_base
+    from ctxtune.commands.adapters import peft_base
     from ctxtune.hf.adapters import is_peft_folder
     from ctxtune.tasks.user import register_run_tasks
     from ctxtune.train.runs import read_run
 
     if is_peft_folder(adapter):
-        return _peft_base(Path(adapter).expanduser(), base)
+        return peft_base(Path(adapter).expanduser(), base)
     register_run_tasks(adapter)
     return read_run(adapter).base().source
