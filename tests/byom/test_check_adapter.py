@@ -100,6 +100,7 @@ def test_peft_adapter_without_a_local_base(cli: Callable, peft_adapters: dict, t
     folder.mkdir()
     cfg = json.loads((peft_adapters["prefix"] / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/some-model"}))
-    (folder / "adapter_model.safetensors").write_bytes((peft_adapters["prefix"] / "adapter_model.safetensors").read_bytes())
+    weights = peft_adapters["prefix"] / "adapter_model.safetensors"
+    (folder / "adapter_model.safetensors").write_bytes(weights.read_bytes())
     res = cli(["check", "attention", "--adapter", str(folder)])
     assert res.code == 2 and "needs its base model: pass it with --model" in res.stderr

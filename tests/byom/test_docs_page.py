@@ -50,7 +50,8 @@ def test_the_documented_error_is_the_real_one(tmp_path: Path) -> None:
     from ctxtune.errors import ConfigError
     from ctxtune.tasks.user import read_task_file
 
-    lines = ['{"prompt": "a:", "completion": " b"}'] * 2 + ['{"prompt": "c:"}'] + ['{"prompt": "d:", "completion": " e"}'] * 3
+    good, other = '{"prompt": "a:", "completion": " b"}', '{"prompt": "d:", "completion": " e"}'
+    lines = [good, good, '{"prompt": "c:"}', other, other, other]
     lines.append('{"prompt": "x" "completion": "y"}')
     (tmp_path / "task.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError) as err:

@@ -99,7 +99,8 @@ def test_pissa_initialisation_and_pickles_are_refused(llama_dir: Path, peft_adap
     folder.mkdir()
     cfg = json.loads((peft_adapters["lora"] / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa"}))
-    (folder / "adapter_model.safetensors").write_bytes((peft_adapters["lora"] / "adapter_model.safetensors").read_bytes())
+    weights = peft_adapters["lora"] / "adapter_model.safetensors"
+    (folder / "adapter_model.safetensors").write_bytes(weights.read_bytes())
     with pytest.raises(CtxtuneError, match="rewrites the base weights"):
         peft_adapter_method(load_backbone(str(llama_dir)), folder)
     (folder / "adapter_model.safetensors").unlink()

@@ -31,5 +31,5 @@ def test_diagnose_smollm2_with_a_jsonl_task(cli: Callable, tmp_path: Path) -> No
     assert len(d["heads"]) == 30 * 9 and d["targets"] == ["q", "k", "v", "o"]
     assert d["lora_accuracy"] is not None and d["predicted"] in ("success", "failure", "inconclusive")
     assert (d["predicted"] == "inconclusive") == (d["lora_accuracy"] < 0.5)
-    print(f"\nSmolLM2 diagnose: {seconds:.0f} s (fit {d['seconds_fit']:.0f} s, analysis {d['seconds_analysis']:.0f} s), "
-          f"LoRA accuracy {d['lora_accuracy']:.2f}, verdict: {d['verdict']}")
+    print(f"\nSmolLM2 diagnose: {seconds:.0f} s (fit {d['seconds_fit']:.0f} s, analysis {d['seconds_analysis']:.0f} "
+          f"s), LoRA accuracy {d['lora_accuracy']:.2f}, verdict: {d['verdict']}")

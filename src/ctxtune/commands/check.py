@@ -131,8 +131,8 @@ def weight_report(adapter: Any, dtype: torch.dtype, seed: int) -> dict[str, Any]
         for la, trained in zip(layers, method.model.attention_modules(), strict=True):
             for r in check_weights_control(la, trained):
                 must_fail = expected[r.kind]
-                checks.append({**{k: r.to_dict()[k] for k in CHECK_KEYS}, "margin": r.margin, "expected_to_fail": must_fail,
-                               "ok": (not r.passed) or not must_fail})
+                checks.append({**{k: r.to_dict()[k] for k in CHECK_KEYS}, "margin": r.margin,
+                               "expected_to_fail": must_fail, "ok": (not r.passed) or not must_fail})
     margins = {kind: max(c["margin"] for c in checks if c["kind"] == kind) for kind in expected}
     return {"method": method.key, "identity": method.identity, "length": 0, "checks": checks, "alpha": [],
             "cross_layer": [], "weight_control": {"expected_to_move": expected, "max_margin": margins},
@@ -156,7 +156,8 @@ def run_checks(model: str | None, method: str | None, length: int, seed: int, dt
     with torch.no_grad():
         trained = _trained_adapter(model, adapter, index, DTYPES[dtype])
         if trained is not None and method is not None:
-            raise CtxtuneError(f"--method describes a random adapter; {trained.path} is a trained {trained.key} adapter")
+            raise CtxtuneError(f"--method describes a random adapter; {trained.path} is a trained {trained.key} "
+                               "adapter")
         if trained is None:
             report = context_report(_random_adapter(model, method, length, seed, DTYPES[dtype])[1], seed)
         elif trained.identity == "holds":

@@ -225,6 +225,7 @@ KINDS: dict[str, AnalysisKind] = {
         {"examples": 64, "data_seed": 123}, ("holds", "partial"), decomposition_analysis
     ),
     "diagnose": AnalysisKind(
-        {"examples": 256, "expected": None, "compare": None, "success_accuracy": 0.5, "held_out": False}, ("none",), diagnose_analysis
+        {"examples": 256, "expected": None, "compare": None, "success_accuracy": 0.5, "held_out": False}, ("none",),
+        diagnose_analysis,
     ),
 }
