@@ -4,6 +4,7 @@ folders with a character tokenizer, PEFT adapters trained with PEFT itself, a JS
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,14 @@ def peft_adapters(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture
 def task_file(tmp_path: Path) -> Path:
     return write_task(tmp_path / "reverse.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def forget_file_tasks() -> Iterator[None]:
+    """Tasks made from JSONL files register globally by content name: drop them after each test, so the
+    registry's contents tests elsewhere see the built-in tasks only."""
+    yield
+    from ctxtune.tasks.base import _REGISTRY
+
+    for name in [n for n in _REGISTRY if n.startswith("file_")]:
+        del _REGISTRY[name]

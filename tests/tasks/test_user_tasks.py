@@ -5,6 +5,7 @@ A toy encoder stands in for a tokenizer here (one id per character, BOS = 1 befo
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,16 @@ from ctxtune.tasks.user import (
     text_split,
     text_task_from_file,
 )
+
+
+@pytest.fixture(autouse=True)
+def forget_file_tasks() -> Iterator[None]:
+    """Tasks made from files register globally: drop them after each test (the registry tests see built-ins)."""
+    yield
+    from ctxtune.tasks.base import _REGISTRY
+
+    for name in [n for n in _REGISTRY if n.startswith("file_")]:
+        del _REGISTRY[name]
 
 
 def enc_prompt(text: str) -> list[int]:
