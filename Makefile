@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv install test test-slow test-min-torch test-min-hf reproduce bench lint clean
+.PHONY: venv install test test-slow test-min-torch test-min-hf reproduce bench bench-reproduce lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ reproduce: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# Three quick reproductions side by side (serial, parallel, parallel with a busy competitor): about 30 minutes
+# on 2 cores. Writes benchmarks/reproduce_load.json, which `make bench` reports.
+bench-reproduce: $(STAMP)
+	$(BIN)/python benchmarks/reproduce_load.py
 
 # The oldest torch ctxtune supports (nn.RMSNorm: 2.4; scaled_dot_product_attention(enable_gqa=...): 2.5),
 # in its own venv, on the default suite without the [hf] extra (transformers 5 itself needs torch >= 2.6).

@@ -26,7 +26,7 @@ mkdir -p "$OUT_DIR"
 { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; date -u; echo "FACTOR=$FACTOR SEEDS=$SEEDS BUDGET_S=$BUDGET_S DEVICE=$DEVICE"; } \
   | tee "$OUT_DIR/gpu-run.txt"
 
-args=(reproduce --scale paper --seeds "$SEEDS" --max-steps-factor "$FACTOR" --device "$DEVICE" --out "$OUT_DIR" --threads 4)
+args=(reproduce --scale paper --seeds "$SEEDS" --max-steps-factor "$FACTOR" --device "$DEVICE" --out "$OUT_DIR" --threads 4 --executor local)
 for s in $ONLY; do args+=(--only "$s"); done
 start=$(date +%s)
 if [ "$BUDGET_S" -gt 0 ]; then

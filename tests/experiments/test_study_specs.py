@@ -167,3 +167,41 @@ def test_methods_compared_at_equal_budget_have_equal_trainable_counts(study: str
             model = GPT(ModelConfig(**spec.bases[adapt.base].scales[scale].model))
             counts[name] = make_method(adapt.method, model, **adapt.scales[scale].options).num_trainable()
         assert len(set(counts.values())) == 1, f"{study} at {scale}: {counts}"
+
+
+@pytest.mark.hf
+def test_a_study_on_an_existing_hugging_face_model(tmp_path: Path) -> None:
+    """A base given by `source` (here a tiny random Llama saved with save_pretrained) is not pretrained: the
+    adaptations tune it directly, on the same run boundary; a missing source fails before anything runs."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from ctxtune.experiments.executors import LocalExecutor
+    from ctxtune.experiments.pipeline import run_plan
+    from ctxtune.experiments.reproduce import study_plan
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    train = {"steps": 2, "batch_size": 4, "eval_examples": 8}
+    data = {"name": "toy", "title": "t", "bases": {"llama": {"source": str(tmp_path / "llama")}},
+            "adaptations": {
+                "prefix": {"base": "llama", "method": "prefix", "tasks": ["ascending"], "stack_seeds": True,
+                           "scale": {"quick": {"options": {"n_virtual": 2}, "train": train}}},
+                "lora": {"base": "llama", "method": "lora", "tasks": ["ascending"],
+                         "scale": {"quick": {"options": {"rank": 1, "targets": ["q", "v"]}, "train": train}}}}}
+    study = parse_study(data, "toy", "toy")
+    jobs = expand([study], "quick", 2, tmp_path / "res")
+    assert [(j["id"], j["depends_on"]) for j in jobs] == [("toy/prefix/s0-1", []), ("toy/lora/s0", []),
+                                                          ("toy/lora/s1", [])]
+    plan = {"kind": "reproduce", "scale": "quick", "seeds": [0, 1], "studies": {"toy": study_plan(study, "quick")},
+            "jobs": jobs}
+    doc = run_plan(tmp_path / "res", plan, LocalExecutor(), quiet=True)["doc"]
+    assert doc["jobs"]["ok"] == 3
+    assert {c["cell"]: c["n"] for c in doc["studies"]["toy"]["cells"]} == {"prefix.ascending/ascending": 2,
+                                                                             "lora.ascending/ascending": 2}
+    data["bases"]["llama"]["source"] = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="base not found"):
+        expand([parse_study(data, "toy", "toy")], "quick", 1, tmp_path / "never")
+    assert not (tmp_path / "never").exists()

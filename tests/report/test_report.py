@@ -110,6 +110,18 @@ def test_claim_holds_only_when_every_seed_meets_it(tmp_path: Path) -> None:
     assert '<strong class="no">does NOT hold</strong>' in (tmp_path / "report.html").read_text()
 
 
+def test_time_to_threshold_from_the_evaluation_curve(tmp_path: Path) -> None:
+    make_fixture(tmp_path)
+    lora = tmp_path / "runs" / "toy" / "lora-s0-1" / "metrics.jsonl"
+    lora.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 100, "eval_accuracy": [0.5, 0.2]}, {"step": 200, "eval_accuracy": [0.85, 0.7]},
+        {"step": 300, "eval_accuracy": [0.9, 0.79]})))
+    doc = build_report(tmp_path)["doc"]
+    check = doc["studies"]["toy"]["claims"][0]["checks"][0]  # lora >= 80%
+    assert [(e["seed"], e["step"]) for e in check["first_step_meeting"]] == [(0, 200), (1, None)]
+    assert "first met during training: step 200 (seed 0), never (seed 1)" in (tmp_path / "report.md").read_text()
+
+
 def test_names_with_underscores_render_as_names(tmp_path: Path) -> None:
     make_fixture(tmp_path)
     build_report(tmp_path)

@@ -24,8 +24,11 @@ def reproduce_cmd(
                                    "paper: suffix_vs_prefix, diagnose_validation."),
     group: str = typer.Option("paper", help="Without --only: the paper's studies (paper), ours (beyond) or all."),
     out: Path = typer.Option(None, help="Results folder (default results/<scale>)."),
-    executor: str = typer.Option("local", help="local (in this process), process or ray."),
-    workers: int = typer.Option(1, help="Parallel workers for the process and ray executors."),
+    executor: str = typer.Option("process", help="process (parallel worker processes, the default), local (one "
+                                 "job after another in this process) or ray."),
+    workers: int = typer.Option(None, help="Jobs at once (default: one per usable core)."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (bfloat16 autocast in training; needs native "
+                                  "bfloat16: the report says so)."),
     device: str = typer.Option("cpu", help="Torch device for training and evaluation (cpu, cuda, cuda:0)."),
     max_steps_factor: float = typer.Option(1.0, "--max-steps-factor",
                                            help="Multiply every step count by this factor (a shortened run; the "
@@ -47,7 +50,7 @@ def reproduce_cmd(
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if executor not in ("local", "process", "ray"):
         raise ConfigError(f"unknown executor {executor!r}; choose local, process or ray")
@@ -58,7 +61,8 @@ def reproduce_cmd(
     override = {"steps": steps} if steps is not None else None
     summary = reproduce(scale=scale, seeds=seeds, only=only or None, out=out, executor=executor, workers=workers,
                         device=device, step_factor=max_steps_factor, train_override=override,
-                        eval_examples=eval_examples, threads=threads, quiet=quiet or json_out, group=group)
+                        eval_examples=eval_examples, threads=threads, quiet=quiet or json_out, group=group,
+                        precision=precision)
     if json_out:
         emit_json(summary)
     else:

@@ -5,7 +5,6 @@ The spec format is documented in `ctxtune.experiments.sweep`; docs/scale-out.md 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -27,9 +26,10 @@ def register(app: typer.Typer) -> None:
 @cli_errors
 def sweep_cmd(
     spec: Path = typer.Argument(..., help=SPEC_HELP),
-    executor: str = typer.Option("local", help=f"Where runs execute: {', '.join(EXECUTORS)}."),
+    executor: str = typer.Option("process", help=f"Where runs execute: {', '.join(EXECUTORS)} (default: parallel "
+                                 "worker processes)."),
     workers: int = typer.Option(
-        None, help="Runs at once (process: default CPU count; ray: default all it has)."
+        None, help="Runs at once (process: default one per usable core; ray: default all it has)."
     ),
     address: str = typer.Option(
         None, help="Ray cluster address (e.g. auto or ray://head:10001); none starts Ray here."
@@ -61,7 +61,9 @@ def sweep_cmd(
         raise ConfigError(f"--out {out_dir} exists and is not a folder")
     plan = expand(data, out_dir, name)
     if executor == "process" and workers is None:
-        workers = os.cpu_count() or 1
+        from ctxtune.experiments.plan import usable_cores
+
+        workers = usable_cores()
     runner = get_executor(executor, workers=workers, address=address, max_attempts=max_attempts)
     report = run_sweep(plan, out_dir, runner, store=store, quiet=quiet)
     counts = report["doc"]["jobs"]

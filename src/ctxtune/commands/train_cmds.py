@@ -31,6 +31,8 @@ TRAIN_FLAGS = dict(
     placeholders=typer.Option(None, help="Leading zero tokens before each input (the authors' layout)."),
     eval_examples=typer.Option(None, "--eval-examples", help="Test examples for the final accuracy."),
     checkpoint_every=typer.Option(None, "--checkpoint-every", help="Resumable checkpoint every N steps."),
+    precision=typer.Option(None, help="fp32 (default) or bf16 (autocast, float32 master weights; needs native "
+                           "bfloat16)."),
 )
 
 
@@ -87,6 +89,7 @@ def pretrain_cmd(
     placeholders: int = TRAIN_FLAGS["placeholders"],
     eval_examples: int = TRAIN_FLAGS["eval_examples"],
     checkpoint_every: int = TRAIN_FLAGS["checkpoint_every"],
+    precision: str = TRAIN_FLAGS["precision"],
     resume: bool = typer.Option(False, help="Continue a killed run in --out from its last checkpoint."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -158,6 +161,7 @@ def tune_cmd(
     placeholders: int = TRAIN_FLAGS["placeholders"],
     eval_examples: int = TRAIN_FLAGS["eval_examples"],
     checkpoint_every: int = TRAIN_FLAGS["checkpoint_every"],
+    precision: str = TRAIN_FLAGS["precision"],
     resume: bool = typer.Option(False, help="Continue a killed run in --out."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),

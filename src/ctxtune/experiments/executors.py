@@ -392,6 +392,9 @@ class ProcessExecutor(Executor):
         self._env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
         if self.threads is not None:
             self._env["OMP_NUM_THREADS"] = str(self.threads)
+        # Idle OpenMP threads sleep instead of spinning: on a busy machine, spinning threads of one run steal the
+        # core another run (or another program) needs (benchmarks/NOTES.md, "steady under load").
+        self._env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def capacity(self) -> int:
         return self.workers

@@ -28,6 +28,18 @@ from ctxtune.experiments.spec import AdaptationSpec, BaseSpec, StudySpec
 
 TRAINER_EVAL_CAP = 256
 SCALED_TRAIN_KEYS = ("steps", "warmup", "eval_every", "checkpoint_every")
+SMALL_STEP_FLOPS = 1e11
+"""A run whose training step costs less than this many floating-point operations gets one torch thread:
+on a CPU, several such runs side by side beat one run on several threads (measured: benchmarks/NOTES.md)."""
+
+
+def threads_for(model_cfg: Any, batch: int, positions: int, n_adapters: int, cores: int) -> int:
+    """Torch threads of a run, from its size only (so a serial and a parallel reproduce compute the same
+    numbers): 1 for small models, else up to 4 of this machine's cores."""
+    d, layers = model_cfg.d_model, model_cfg.n_layers
+    params = layers * 12 * d * d + 2 * model_cfg.d_vocab * d  # attention + MLP (4d) + embeddings, roughly
+    flops = 6 * params * batch * n_adapters * positions
+    return 1 if flops < SMALL_STEP_FLOPS else max(1, min(4, cores))
 
 
 def scaled_train(train: dict[str, Any], factor: float, override: dict[str, Any] | None) -> dict[str, Any]:
@@ -69,23 +81,36 @@ class Expansion:
     def train_table(self, table: dict[str, Any], seed: int) -> tuple[dict[str, Any], int]:
         train = scaled_train(table, self.step_factor, self.train_override)
         train["seed"] = seed
+        if self.common["precision"] != "fp32":
+            train["precision"] = self.common["precision"]
         n_eval = int(self.eval_examples or train.get("eval_examples", 3200))
         train["eval_examples"] = min(n_eval, TRAINER_EVAL_CAP)
         return train, n_eval
 
-    def spec(self, **fields: Any) -> dict[str, Any]:
+    def spec(self, model_cfg: Any, **fields: Any) -> Any:
+        """A RunSpec on this expansion's device, with the threads the run's size calls for (or --threads)."""
+        from ctxtune.tasks import get_task
         from ctxtune.train.config import TrainConfig
         from ctxtune.train.spec import EvalSpec, RunSpec
 
-        spec = RunSpec(train=TrainConfig.from_dict(fields.pop("train")), eval=EvalSpec(fields.pop("n_eval")),
-                       device=self.common["device"], threads=self.common["threads"], **fields)
-        return spec
+        train = TrainConfig.from_dict(fields.pop("train"))
+        threads = self.common["threads"]
+        if not threads:
+            longest = max(get_task(s.task).n_input + get_task(s.task).n_output for s in fields["streams"])
+            threads = threads_for(model_cfg, train.batch_size, train.placeholders + longest, len(fields["streams"]),
+                                  self.common["cores"])
+        return RunSpec(train=train, eval=EvalSpec(fields.pop("n_eval")), device=self.common["device"],
+                       threads=threads, **fields)
 
-    def add_base(self, study: StudySpec, b: BaseSpec) -> dict[int, str]:
-        """Pretraining jobs of base `b`; returns seed -> job id."""
+    def add_base(self, study: StudySpec, b: BaseSpec) -> dict[int, Any]:
+        """Pretraining jobs of base `b`; returns seed -> job id (or, for an existing model, its BaseRef)."""
         from ctxtune.model import ModelConfig
+        from ctxtune.train.runs import resolve_base
         from ctxtune.train.spec import StreamSpec
 
+        if b.source is not None:
+            ref = resolve_base(b.source)  # validated (exists, readable) before anything runs
+            return dict.fromkeys(range(self.seeds), ref)
         s = b.scales[self.scale]
         key = base_key(study.name, b, self.scale)
         ids: dict[int, str] = {}
@@ -100,8 +125,9 @@ class Expansion:
             else:
                 train, n_eval = self.train_table(s.train, seed)
                 stream = StreamSpec(b.task, seed=seed, eval_tasks=tuple(b.eval_tasks), row=b.name)
-                spec = self.spec(kind="pretrain", method="full", streams=(stream,), train=train, n_eval=n_eval,
-                                 model=ModelConfig.from_dict(s.model))
+                model_cfg = ModelConfig.from_dict(s.model)
+                spec = self.spec(model_cfg, kind="pretrain", method="full", streams=(stream,), train=train,
+                                 n_eval=n_eval, model=model_cfg)
                 self.bases[job_id] = {"id": job_id, "kind": "train", "spec": spec.to_dict(),
                                       "out_dir": str(self.out / "runs" / "bases" / f"{key}-s{seed}"),
                                       "depends_on": [], "rows": {study.name: b.name}}
@@ -110,7 +136,7 @@ class Expansion:
                     ids[sd] = job_id
         return ids
 
-    def add_adaptation(self, study: StudySpec, a: AdaptationSpec, base_ids: dict[int, str]) -> dict[int, str]:
+    def add_adaptation(self, study: StudySpec, a: AdaptationSpec, base_ids: dict[int, Any]) -> dict[int, str]:
         """Tuning jobs of adaptation `a`; returns seed -> job id."""
         from ctxtune.model import ModelConfig
         from ctxtune.train.spec import StreamSpec, check_fits
@@ -119,18 +145,24 @@ class Expansion:
         groups = [list(range(self.seeds))] if a.stack_seeds else [[sd] for sd in range(self.seeds)]
         ids: dict[int, str] = {}
         for group in groups:
-            base_job = self.bases[base_ids[group[0]]]
+            base = base_ids[group[0]]
+            if isinstance(base, str):  # a pretraining job of this plan
+                base_job = self.bases[base]
+                base_dir, deps = base_job["out_dir"], [base_job["id"]]
+                base_cfg = ModelConfig.from_dict(base_job["spec"]["model"])
+            else:  # an existing model
+                base_dir, deps, base_cfg = base.source, [], base.model_config
             train, n_eval = self.train_table(s.train, group[0])
             streams = tuple(StreamSpec(t, seed=sd, index=k, eval_tasks=tuple(a.eval_tasks or [t]), row=f"{a.name}.{t}")
                             for sd in group for k, t in enumerate(a.tasks))
-            spec = self.spec(kind="tune", method=a.method, streams=streams, train=train, n_eval=n_eval,
-                             options=dict(s.options), base=base_job["out_dir"])
-            check_fits(spec, ModelConfig.from_dict(base_job["spec"]["model"]))
+            spec = self.spec(base_cfg, kind="tune", method=a.method, streams=streams, train=train, n_eval=n_eval,
+                             options=dict(s.options), base=base_dir)
+            check_fits(spec, base_cfg)
             tag = f"s{group[0]}" if len(group) == 1 else f"s{group[0]}-{group[-1]}"
             job_id = f"{study.name}/{a.name}/{tag}"
             self.others.append({"id": job_id, "kind": "train", "spec": spec.to_dict(),
                                 "out_dir": str(self.out / "runs" / study.name / f"{a.name}-{tag}"),
-                                "depends_on": [base_job["id"]], "study": study.name, "adaptation": a.name})
+                                "depends_on": deps, "study": study.name, "adaptation": a.name})
             ids.update({sd: job_id for sd in group})
         return ids
 
@@ -164,21 +196,34 @@ def expand(
     train_override: dict[str, Any] | None = None,
     eval_examples: int | None = None,
     threads: int = 0,
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Jobs for `studies` at `scale` over seeds 0..seeds-1: dependencies first, then study by study.
 
     train_override replaces train keys everywhere (tests use {"steps": 2}); eval_examples replaces the
-    number of test examples of the final evaluation. Every RunSpec is validated here, before anything runs.
+    number of test examples of the final evaluation; precision "bf16" trains every run under bfloat16 autocast.
+    threads 0 picks each run's threads from its size (`threads_for`). Every RunSpec is validated here, before
+    anything runs.
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
     if not (isinstance(step_factor, (int, float)) and math.isfinite(step_factor) and step_factor > 0):
         raise ConfigError(f"the step factor must be a positive number, got {step_factor}")
-    exp = Expansion(scale, seeds, Path(out_dir).resolve(), {"device": device, "threads": threads}, step_factor,
-                    train_override, eval_examples)
+    common = {"device": device, "threads": threads, "cores": usable_cores(), "precision": precision}
+    exp = Expansion(scale, seeds, Path(out_dir).resolve(), common, step_factor, train_override, eval_examples)
     for study in studies:
         exp.add_study(study)
     return study_order(list(exp.bases.values()) + exp.others)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and `taskset` restrict)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def study_order(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:

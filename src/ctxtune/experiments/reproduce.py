@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from ctxtune.errors import ConfigError
-from ctxtune.experiments.plan import base_key, expand
+from ctxtune.experiments.plan import base_key, expand, usable_cores
 from ctxtune.experiments.spec import GROUPS, SCALES, StudySpec, get_study, list_studies
 
 
 def study_plan(study: StudySpec, scale: str) -> dict[str, Any]:
     """What the report needs to know about a study at one scale (JSON)."""
     bases = {
-        b.name: {"task": b.task, "job_key": base_key(study.name, b, scale), "per_seed": b.per_seed,
-                 "eval_tasks": list(b.eval_tasks), "model": b.scales[scale].model, "train": b.scales[scale].train}
+        b.name: {"source": b.source} if b.source is not None else
+        {"task": b.task, "job_key": base_key(study.name, b, scale), "per_seed": b.per_seed,
+         "eval_tasks": list(b.eval_tasks), "model": b.scales[scale].model, "train": b.scales[scale].train}
         for b in study.bases.values()
     }
     adaptations = {
@@ -59,8 +60,8 @@ def reproduce(
     seeds: int = 3,
     only: list[str] | None = None,
     out: str | Path | None = None,
-    executor: str = "local",
-    workers: int = 1,
+    executor: str = "process",
+    workers: int | None = None,
     device: str = "cpu",
     step_factor: float = 1.0,
     train_override: dict[str, Any] | None = None,
@@ -68,8 +69,14 @@ def reproduce(
     threads: int | None = None,
     quiet: bool = False,
     group: str = "paper",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Run the studies and write DIR/results.json, DIR/report.md, DIR/report.html. Returns a summary dict."""
+    """Run the studies and write DIR/results.json, DIR/report.md, DIR/report.html. Returns a summary dict.
+
+    By default the jobs run in parallel worker processes, one per usable core (`workers`), each run with the
+    torch threads its size calls for (`threads_for`; --threads overrides); the numbers are those of a serial
+    run (`executor="local"`), since a run's threads never depend on the scheduling.
+    """
     from ctxtune.experiments.executors import get_executor
     from ctxtune.experiments.pipeline import run_plan
     from ctxtune.report import environment
@@ -84,12 +91,15 @@ def reproduce(
     out_dir = Path(out if out is not None else f"results/{scale}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a folder")
+    workers = workers or usable_cores()
     runner = get_executor(executor, workers, threads=threads)
     jobs = expand(studies, scale, seeds, out_dir, device=device, step_factor=step_factor,
-                  train_override=train_override, eval_examples=eval_examples, threads=threads or 0)
+                  train_override=train_override, eval_examples=eval_examples, threads=threads or 0,
+                  precision=precision)
     plan = {
         "kind": "reproduce", "scale": scale, "seeds": list(range(seeds)), "step_factor": step_factor,
-        "executor": executor, "device": device, "train_override": train_override or {},
+        "executor": executor, "workers": workers, "precision": precision, "device": device,
+        "train_override": train_override or {},
         "eval_examples": eval_examples, "studies": {s.name: study_plan(s, scale) for s in studies}, "jobs": jobs,
         "environment": environment(device),
     }
@@ -112,7 +122,8 @@ def merge_plan(path: Path, plan: dict[str, Any]) -> dict[str, Any]:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return plan
-    same = all(old.get(k) == plan.get(k) for k in ("scale", "seeds", "step_factor", "train_override", "eval_examples"))
+    same = all(old.get(k) == plan.get(k)
+               for k in ("scale", "seeds", "step_factor", "train_override", "eval_examples", "precision"))
     if not same:
         return plan
     ids = {j["id"] for j in plan["jobs"]}

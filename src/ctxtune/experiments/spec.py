@@ -40,6 +40,7 @@ Rows: a base's row is its name; an adaptation's adapter trained on task T is row
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -82,6 +83,9 @@ class ScaleSettings:
 
 @dataclass(frozen=True)
 class BaseSpec:
+    """A base: pretrained by the study (task, model and train per scale), or an existing model (`source`: a
+    Hugging Face model such as "smollm2", a HF folder or .gguf file, or a ctxtune run folder), used as it is."""
+
     name: str
     task: str
     share: str | None
@@ -89,6 +93,7 @@ class BaseSpec:
     base_seed: int
     eval_tasks: tuple[str, ...]
     scales: dict[str, ScaleSettings]
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,8 @@ class StudySpec:
 
     @property
     def scales(self) -> tuple[str, ...]:
-        """Scales every base and adaptation defines."""
-        parts = [*self.bases.values(), *self.adaptations.values()]
+        """Scales every base and adaptation defines (an existing model serves every scale)."""
+        parts = [*(b for b in self.bases.values() if b.source is None), *self.adaptations.values()]
         return tuple(s for s in SCALES if all(s in p.scales for p in parts))
 
     def rows(self) -> list[str]:
@@ -208,9 +213,37 @@ def _claims(data: Any, where: str) -> tuple[Claim, ...]:
             _check_keys(ch, {"cell", "op", "value"}, f"{where} claim {c['id']!r} check {j}", {"cell", "op", "value"})
             if ch["op"] not in OPS:
                 raise ConfigError(f"{where} claim {c['id']!r}: op must be one of {', '.join(OPS)}, got {ch['op']!r}")
-            checks.append(Check(str(ch["cell"]), ch["op"], float(ch["value"])))
+            value = ch["value"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{where} claim {c['id']!r}: value must be a finite number, got {value!r}")
+            checks.append(Check(str(ch["cell"]), ch["op"], float(value)))
         out.append(Claim(str(c["id"]), str(c["text"]), tuple(checks)))
     return tuple(out)
+
+
+def _typed(data: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    value = data.get(key, default)
+    if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _base(name: str, b: Any, w: str) -> BaseSpec:
+    if isinstance(b, dict) and "source" in b:
+        _check_keys(b, {"source"}, w, {"source"})
+        if not isinstance(b["source"], str) or not b["source"]:
+            raise ConfigError(f"{w}.source must name a model (a Hugging Face model, folder or .gguf, or a run folder)")
+        return BaseSpec(name, "", None, False, 0, (), {}, source=b["source"])
+    _check_keys(b, {"task", "share", "per_seed", "base_seed", "eval_tasks", "scale"}, w, {"task", "scale"})
+    _check_task(b["task"], w)
+    eval_tasks = _str_list(b.get("eval_tasks", [b["task"]]), f"{w} eval_tasks")
+    for t in eval_tasks:
+        _check_task(t, w)
+    base_seed = _typed(b, "base_seed", int, 0, w)
+    if base_seed < 0:
+        raise ConfigError(f"{w}.base_seed must be non-negative, got {base_seed}")
+    return BaseSpec(name, b["task"], _typed(b, "share", str, None, w), _typed(b, "per_seed", bool, True, w),
+                    base_seed, eval_tasks, _scale_table(b["scale"], w, is_base=True))
 
 
 def _analyses(data: Any, adaptations: dict[str, AdaptationSpec], where: str) -> dict[str, AnalysisSpec]:
@@ -245,17 +278,10 @@ def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = 
     if stem is not None and name != stem:
         raise ConfigError(f"{where}: name {name!r} must equal the file name {stem!r}")
     bases: dict[str, BaseSpec] = {}
+    if not isinstance(data["bases"], dict) or not isinstance(data["adaptations"], dict):
+        raise ConfigError(f"{where}: [bases] and [adaptations] must be tables of tables")
     for bname, b in data["bases"].items():
-        w = f"{where} [bases.{bname}]"
-        _check_keys(b, {"task", "share", "per_seed", "base_seed", "eval_tasks", "scale"}, w, {"task", "scale"})
-        _check_task(b["task"], w)
-        eval_tasks = _str_list(b.get("eval_tasks", [b["task"]]), f"{w} eval_tasks")
-        for t in eval_tasks:
-            _check_task(t, w)
-        bases[bname] = BaseSpec(
-            bname, b["task"], b.get("share"), bool(b.get("per_seed", True)), int(b.get("base_seed", 0)), eval_tasks,
-            _scale_table(b["scale"], w, is_base=True),
-        )
+        bases[bname] = _base(bname, b, f"{where} [bases.{bname}]")
     adaptations: dict[str, AdaptationSpec] = {}
     allowed = {"base", "method", "tasks", "eval_tasks", "extension", "stack_seeds", "note", "scale"}
     for aname, a in data["adaptations"].items():
@@ -272,7 +298,7 @@ def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = 
             raise ConfigError(f"{w}: tasks must be a non-empty list without repeats")
         for t in (*tasks, *a.get("eval_tasks", [])):
             _check_task(t, w)
-        stack = bool(a.get("stack_seeds", False))
+        stack = _typed(a, "stack_seeds", bool, False, w)
         if stack and bases[a["base"]].per_seed:
             raise ConfigError(f"{w}: stack_seeds needs a base shared by all seeds (per_seed = false)")
         if (len(tasks) > 1 or stack) and not cls.supports_bank:
@@ -287,7 +313,7 @@ def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = 
                 raise ConfigError(f"{w}.scale.{scale}: {exc}") from None
         adaptations[aname] = AdaptationSpec(
             aname, a["base"], a["method"], tasks, _str_list(a.get("eval_tasks", []), f"{w} eval_tasks"),
-            bool(a.get("extension", False)), stack, str(a.get("note", "")), scales,
+            _typed(a, "extension", bool, False, w), stack, _typed(a, "note", str, "", w), scales,
         )
     if set(bases) & set(adaptations):
         raise ConfigError(f"{where}: a base and an adaptation share a name: {sorted(set(bases) & set(adaptations))}")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ctxtune.errors import ConfigError, CtxtuneError
-from ctxtune.model.gpt import LayerPrefix
+from ctxtune.model.gpt import LayerPrefix, check_token_ids
 from ctxtune.model.hooks import HookedModule, HookPoint
 from ctxtune.theory.capture import LayerAttention, register_capture
 
@@ -382,26 +382,15 @@ class HFConfig:
     tie_embeddings: bool
     source: str = ""
 
+    # What the memory estimates (ctxtune.limits) read of a model config: a Hugging Face decoder has an MLP,
+    # normalisation before attention, and (for the estimate) biases.
+    mlp: bool = True
+    attn_norm: bool = True
+    bias: bool = True
+    norm: str = "rmsnorm"
+
     def to_dict(self) -> dict[str, Any]:
         return {"hf": True, **asdict(self)}
-
-    # What `ctxtune.limits` reads of a ModelConfig for its memory estimates (a Llama's gated MLP has a third
-    # matrix the estimate does not count: a lower bound by d_model * mlp_dim per layer).
-    @property
-    def mlp(self) -> bool:
-        return True
-
-    @property
-    def attn_norm(self) -> bool:
-        return True
-
-    @property
-    def norm(self) -> str:
-        return "layernorm" if self.family == "gpt2" else "rmsnorm"
-
-    @property
-    def bias(self) -> bool:
-        return self.family == "gpt2"
 
 
 def hf_config(model: nn.Module, source: str = "") -> HFConfig:
@@ -411,8 +400,10 @@ def hf_config(model: nn.Module, source: str = "") -> HFConfig:
     mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * lay.d_model
     n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    llama = lay.family == "llama"
     return HFConfig(lay.family, lay.n_layers, lay.n_heads, lay.n_kv_heads, lay.d_model, lay.d_head, int(mlp),
-                    int(cfg.vocab_size), int(n_ctx), "rotary" if lay.family == "llama" else "learned", tied, source)
+                    int(cfg.vocab_size), int(n_ctx), "rotary" if llama else "learned", tied, source,
+                    norm="rmsnorm" if llama else "layernorm")
 
 
 class HFBackbone(HookedModule):
@@ -436,9 +427,7 @@ class HFBackbone(HookedModule):
 
     # ----- what methods use --------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.is_cpu and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise CtxtuneError(f"token id out of range: ids must be in [0, {self.cfg.d_vocab - 1}], "
-                               f"got min {int(tokens.min())}, max {int(tokens.max())}")
+        check_token_ids(tokens, self.cfg.d_vocab)
         return self.embed(tokens)
 
     def default_position_ids(self, batch: int, pos: int, offset: int, device: torch.device) -> torch.Tensor:

@@ -284,6 +284,18 @@ class Block(nn.Module):
         return self.hook_resid_post(x)
 
 
+def check_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
+    """Token ids must be in [0, d_vocab): one clear error instead of an index error deep in the embedding.
+
+    Checked on CPU only: on an accelerator the read-back would sync every step (CUDA asserts anyway).
+    """
+    if tokens.is_cpu and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+        raise CtxtuneError(
+            f"token id out of range: ids must be in [0, {d_vocab - 1}], "
+            f"got min {int(tokens.min())}, max {int(tokens.max())}"
+        )
+
+
 class GPT(HookedModule):
     """Decoder-only transformer. `forward` returns logits [batch, pos, d_vocab]."""
 
@@ -320,12 +332,7 @@ class GPT(HookedModule):
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [batch, pos, d_model]; validates ids."""
-        # Validated on CPU only: on an accelerator the read-back would sync every step (CUDA asserts anyway).
-        if tokens.is_cpu and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise CtxtuneError(
-                f"token id out of range: ids must be in [0, {self.cfg.d_vocab - 1}], "
-                f"got min {int(tokens.min())}, max {int(tokens.max())}"
-            )
+        check_token_ids(tokens, self.cfg.d_vocab)
         return self.embed(tokens)
 
     def forward(

@@ -164,9 +164,42 @@ def study_cells(study: dict[str, Any], name: str, jobs: list[dict[str, Any]],
     return cells
 
 
-def study_claims(study: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def eval_curves(name: str, jobs: list[dict[str, Any]], curves: list[dict[str, Any]]) -> dict[tuple, dict]:
+    """(row, seed) -> {"task", "steps", "accuracy", "total"}: the accuracy an adapter reached during training."""
+    by_run = {c["run"]: c for c in curves}
+    out: dict[tuple, dict] = {}
+    for job in jobs:
+        curve = by_run.get(job["id"])
+        if job["kind"] != "train" or curve is None or not curve["eval_steps"]:
+            continue
+        for k, s in enumerate(job["spec"]["streams"]):
+            row = job.get("rows", {}).get(name) or s["row"]
+            out[(row, s["seed"])] = {"task": s["task"], "steps": curve["eval_steps"],
+                                     "accuracy": [a[k] for a in curve["eval_accuracy"]],
+                                     "total": job["spec"].get("train", {}).get("steps")}
+    return out
+
+
+def first_step_meeting(check: dict[str, Any], cell: dict[str, Any], evals: dict[tuple, dict]) -> list[dict]:
+    """Per seed, the first evaluation step at which the adapter met the check's threshold on its own task
+    (time to accuracy), or step None when it never did during training; [] without evaluation curves."""
+    row, _, task = check["cell"].rpartition("/")
+    out = []
+    for seed in cell.get("seeds", []):
+        ev = evals.get((row, seed))
+        if ev is None or ev["task"] != task:
+            continue
+        step = next((st for st, a in zip(ev["steps"], ev["accuracy"], strict=True)
+                     if holds(a, check["op"], check["value"])), None)
+        out.append({"seed": seed, "step": step, "of": ev["total"]})
+    return out
+
+
+def study_claims(study: dict[str, Any], cells: list[dict[str, Any]],
+                 evals: dict[tuple, dict] | None = None) -> list[dict[str, Any]]:
     """A claim holds when every check holds on every seed (not only on the mean)."""
     by_cell = {c["cell"]: c for c in cells}
+    evals = evals or {}
     claims = []
     for claim in study["claims"]:
         checks, verdicts = [], []
@@ -178,7 +211,8 @@ def study_claims(study: dict[str, Any], cells: list[dict[str, Any]]) -> list[dic
             checks.append({**ch, "observed_mean": c["mean"], "observed_std": c["std"], "per_seed": c["values"],
                            "seeds_holding": sum(per_seed), "n": len(per_seed), "holds": ok,
                            "holds_on_mean": None if c["mean"] is None else holds(c["mean"], ch["op"], ch["value"]),
-                           "paper": study["paper"].get(ch["cell"])})
+                           "paper": study["paper"].get(ch["cell"]),
+                           "first_step_meeting": first_step_meeting(ch, c, evals) if ch["op"] in (">=", ">") else []})
         verdict = None if any(v is None for v in verdicts) else all(verdicts)
         claims.append({"id": claim["id"], "text": claim["text"], "holds": verdict, "checks": checks})
     return claims
@@ -214,12 +248,13 @@ def collect(results_dir: str | Path, wall_seconds: float | None = None) -> dict[
         mine = [j for j in jobs if serves(j, name) or j.get("analysis", {}).get("study") == name]
         cells = study_cells(study, name, mine, results)
         study_runs = [r for r, j in zip(runs, jobs, strict=True) if j in mine]
+        curves = [c for j in mine if j["kind"] == "train" and (c := curve(j, root))]
         studies[name] = {
             "title": study["title"], "paper_ref": study["paper_ref"], "summary": study["summary"],
             "notes": study.get("notes", {}), "group": study.get("group", "paper"),
             "config": {"bases": study["bases"], "adaptations": study["adaptations"]},
-            "cells": cells, "claims": study_claims(study, cells), "runs": study_runs,
-            "curves": [c for j in mine if j["kind"] == "train" and (c := curve(j, root))],
+            "cells": cells, "claims": study_claims(study, cells, eval_curves(name, mine, curves)), "runs": study_runs,
+            "curves": curves,
             "analyses": study_analyses(study, name, mine, results),
             "seconds": round(sum(r["seconds"] or 0 for r in study_runs if r["status"] == "ok"), 1),
         }
@@ -230,7 +265,8 @@ def collect(results_dir: str | Path, wall_seconds: float | None = None) -> dict[
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "scale": plan.get("scale"), "seeds": plan.get("seeds", []), "step_factor": plan.get("step_factor", 1.0),
         "train_override": plan.get("train_override") or {}, "eval_examples_override": plan.get("eval_examples"),
-        "executor": plan.get("executor", "local"),
+        "executor": plan.get("executor", "local"), "workers": plan.get("workers"),
+        "precision": plan.get("precision", "fp32"),
         "wall_seconds": wall_seconds if wall_seconds is not None else plan.get("wall_seconds"),
         "compute_seconds": round(sum(r.get("seconds") or 0 for r in results.values()), 1),
         "environment": plan.get("environment") or environment(),

@@ -43,8 +43,21 @@ def claim_lines(claim: dict[str, Any]) -> list[str]:
         out.append(
             f"`{ch['cell']}`: {ch['seeds_holding']}/{ch['n']} seeds meet {ch['op']} {pct(ch['value'], 0)} "
             f"(per seed {seeds}; mean {pct(ch['observed_mean'])} ± {100 * (ch['observed_std'] or 0):.2f}{paper})"
+            + time_to_threshold(ch.get("first_step_meeting") or [])
         )
     return out
+
+
+def time_to_threshold(entries: list[dict[str, Any]]) -> str:
+    """"; first met during training: step 1,200 of 4,000 (seed 0), never (seed 1)" (from evaluation curves)."""
+    if not entries:
+        return ""
+    parts = []
+    for e in entries:
+        when = "never" if e["step"] is None else f"step {e['step']:,}"
+        total = "" if e["of"] is None else f" of {e['of']:,}"
+        parts.append(f"{when}{total} (seed {e['seed']})")
+    return "; first met during training: " + ", ".join(parts)
 
 
 def header_lines(doc: dict[str, Any]) -> list[str]:
@@ -56,6 +69,8 @@ def header_lines(doc: dict[str, Any]) -> list[str]:
         lines.append(f"- scale: **{doc['scale']}**"
                      + (f", every step count x {factor} (shortened: not the paper's budget)" if factor != 1.0 else ""))
     lines.append(f"- seeds: {', '.join(str(s) for s in doc['seeds'])}")
+    if doc.get("precision", "fp32") != "fp32":
+        lines.append(f"- precision: **{doc['precision']}** (bfloat16 autocast in training, float32 master weights)")
     if doc.get("train_override"):
         lines.append(f"- SMOKE RUN: train settings overridden everywhere ({doc['train_override']}), "
                      f"test examples {doc.get('eval_examples_override')}: the numbers mean nothing")
@@ -194,7 +209,8 @@ def curves_plot(st: dict[str, Any]) -> bytes | None:
                                 marker=".", label=label)
     axes[0, 0].set_yscale("log")
     axes[0, 0].set(xlabel="step", ylabel="training loss", title="training loss")
-    axes[0, 0].legend(fontsize=5, ncol=2)
+    if axes[0, 0].get_legend_handles_labels()[0]:
+        axes[0, 0].legend(fontsize=5, ncol=2)
     if has_eval:
         axes[0, 1].set(xlabel="step", ylabel="exact match (%) during training", title="accuracy during training",
                        ylim=(0, 105))

@@ -14,6 +14,8 @@ from ctxtune.configs import strict_from_dict
 from ctxtune.errors import ConfigError
 from ctxtune.limits import MAX_EVAL_EXAMPLES, MAX_SEED, MAX_STEPS, check_int64, is_finite_number
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -35,6 +37,8 @@ class TrainConfig:
     eval_every: also evaluate every this many steps (0: only at the end).
     checkpoint_every: write a resumable checkpoint every this many steps (0: only at the end).
     log_every: append a metrics line every this many steps.
+    precision: "fp32", or "bf16": the forward and loss under bfloat16 autocast with float32 master weights and
+        optimiser state (opt-in where the CPU or GPU computes bfloat16 natively; evaluation stays float32).
     """
 
     steps: int = 1000
@@ -54,12 +58,15 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     log_every: int = 10
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self._check_counts()
         self._check_rates()
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def _check_counts(self) -> None:
         """Integers: positive or non-negative, within int64, and the bounds of `ctxtune.limits`."""

@@ -101,6 +101,9 @@ def build(spec: RunSpec, base: Any) -> tuple[Any, Any, Any]:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = check_device(spec.device)
+    if spec.train.precision == "bf16" and not bf16_supported(device):
+        raise ConfigError(f"precision bf16 needs native bfloat16 on {device} (AVX512-BF16 or AMX on a CPU, "
+                          "compute capability 8.0 or newer on a GPU); use fp32")
     if spec.kind == "pretrain":
         from ctxtune.model import GPT
 
@@ -172,6 +175,16 @@ def evaluate_streams(method: Any, spec: RunSpec, trainer_accuracy: list[float]) 
             accuracy = {s.task: float(trainer_accuracy[k])}
         rows.append({"row": s.row, "task": s.task, "seed": s.seed, "index": s.index, "accuracy": accuracy})
     return rows
+
+
+def bf16_supported(device: Any) -> bool:
+    """Whether `device` computes bfloat16 natively (autocast elsewhere would be slower, not faster)."""
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def check_device(name: str) -> Any:

@@ -101,8 +101,9 @@ def read_run(run_dir: str | Path) -> RunRecord:
     try:
         spec = RunSpec.from_dict(data.get("spec"), f"{where} spec")
         model = data.get("model")
-        ours = isinstance(model, dict) and "n_layers" in model and not model.get("hf")  # a Hugging Face base: as stored
-        model_cfg = ModelConfig.from_dict(model) if spec.kind == "pretrain" or ours else model
+        if not isinstance(model, dict):
+            raise ConfigError("model must be a table")
+        model_cfg = model if model.get("hf") else ModelConfig.from_dict(model)  # a Hugging Face base: as recorded
         base = data.get("base") or {}
         if not isinstance(base, dict):
             raise ConfigError("base must be a table")
@@ -206,7 +207,7 @@ def write_config(out: Path, spec: RunSpec, model_config: Any, n_adapters: int) -
     config = {
         "schema": SCHEMA,
         "spec": spec.to_dict(),
-        "model": model_config.to_dict() if hasattr(model_config, "to_dict") else model_config,  # HFConfig too
+        "model": model_config.to_dict() if hasattr(model_config, "to_dict") else model_config,
         "base": base,
         "method": {"key": spec.method, "options": spec.options, "n_adapters": n_adapters},
         "ctxtune_version": __version__,

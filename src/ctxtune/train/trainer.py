@@ -196,11 +196,21 @@ class Trainer:
     def losses(self) -> torch.Tensor:
         """Per-adapter mean cross-entropy over output positions: [K]."""
         tokens, mask, ids, n_prompt = self.next_batch()
-        logits = self.method(tokens[:, :-1], ids, n_prompt=n_prompt)  # [K*batch, seq-1, d_vocab]
+        with self.autocast():
+            logits = self.method(tokens[:, :-1], ids, n_prompt=n_prompt)  # [K*batch, seq-1, d_vocab]
+        logits = logits.float()  # the loss in float32 whatever the forward's precision
         target, m = tokens[:, 1:], mask[:, 1:].to(logits.dtype)
         ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [K*batch, seq-1]
         per_example = (ce * m).sum(1) / m.sum(1)
         return per_example.view(len(self.streams), -1).mean(1)  # [K]
+
+    def autocast(self) -> Any:
+        """bfloat16 autocast for the forward pass when `precision` is "bf16" (float32 master weights)."""
+        from contextlib import nullcontext
+
+        if self.cfg.precision != "bf16":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def clip_per_adapter(self) -> None:
         """Clip the gradient of each adapter to norm grad_clip (torch's formula, per adapter)."""
