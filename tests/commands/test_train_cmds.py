@@ -79,7 +79,7 @@ def test_bank_from_repeated_tasks(cli: Callable, base_run: Path, tmp_path: Path)
     )
     assert res.code == 0, res.stderr
     assert set(json.loads(res.stdout)["accuracy"]) == {"ascending", "add1"}
-    res = cli(["eval", "--run", str(tmp_path / "bank"), "--task", "add1", "--adapter", "1", "--examples", "16"])
+    res = cli(["eval", "--run", str(tmp_path / "bank"), "--task", "add1", "--index", "1", "--examples", "16"])
     assert res.code == 0
 
 
@@ -415,7 +415,8 @@ BAD = [  # (name, args builder, expected words in the message)
         "divisible",
     ),
     ("eval examples zero", lambda b, t: ["eval", "--run", str(b), "--task", "add1", "--examples", "0"], "--examples"),
-    ("adapter out of range", lambda b, t: ["eval", "--run", str(b), "--task", "add1", "--adapter", "3"], "--adapter"),
+    ("adapter out of range", lambda b, t: ["eval", "--run", str(b), "--task", "add1", "--index", "3"], "--index"),
+    ("adapter index", lambda b, t: ["eval", "--run", str(b), "--task", "add1", "--adapter", "3"], "--index 3"),
     ("missing required option", lambda b, t: ["tune", "--method", "prefix"], "Missing option"),
     ("unknown flag", lambda b, t: ["pretrain", "--colour", "red"], "No such option"),
     ("wrong type", lambda b, t: ["pretrain", "--steps", "many", "--out", str(t / "o")], "steps"),

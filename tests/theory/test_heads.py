@@ -9,7 +9,7 @@ import torch
 
 from ctxtune.methods import make_method
 from ctxtune.model import GPT, ModelConfig
-from ctxtune.theory.heads import TV_MIN, analyse, fit_prefix_form, verdict
+from ctxtune.theory.heads import FIT_MIN_ACCURACY, TV_MIN, analyse, analyse_batches, conclude, fit_prefix_form, verdict
 
 
 def test_fit_prefix_form_recovers_exact_prefix_data() -> None:
@@ -68,3 +68,37 @@ def test_analyse_flags_a_first_layer_query_key_change(setup: tuple) -> None:
     flagged, sentence = verdict(heads)
     assert flagged == [h.label for h in first] and sentence.startswith("these heads need new attention patterns")
     assert verdict([]) == ([], "a prefix can express this change")
+
+
+def test_batches_of_several_layouts_pool_their_rows(setup: tuple) -> None:
+    """Two batches of different lengths give the same per-head numbers as the rows they hold analysed at once."""
+    base, model, tokens = setup
+    method = make_method("lora", model, 1, rank=2, targets=["q", "k", "v", "o"]).double()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(4)
+        for b in method.B.values():
+            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64))
+    whole = analyse_batches(base, method, [(tokens, 6), (tokens, 6)])
+    split = analyse_batches(base, method, [(tokens[:8], 6), (tokens[8:], 6), (tokens, 6)])
+    for a, b in zip(whole, split, strict=True):
+        assert a.change == pytest.approx(b.change, rel=1e-9) and a.attention_tv == pytest.approx(b.attention_tv)
+    shorter = analyse_batches(base, method, [(tokens[:, :9], 6)])  # another layout: other rows, other numbers
+    assert any(abs(a.attention_tv - c.attention_tv) > 1e-6 for a, c in zip(whole, shorter, strict=True))
+
+
+def test_conclude_is_inconclusive_without_a_working_fit(setup: tuple) -> None:
+    base, model, tokens = setup
+    method = make_method("lora", model, 1, rank=2, targets=["q", "k"]).double()
+    with torch.no_grad():
+        for name, b in method.B.items():
+            if name.startswith("0_"):
+                b.copy_(5 * torch.randn(b.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    heads = analyse(base, method, tokens)
+    assert conclude(heads, 0.9, True).predicted == "failure"
+    low = conclude(heads, FIT_MIN_ACCURACY - 0.01, True)
+    assert low.predicted == "inconclusive" and "did not learn the task" in low.reason and low.flagged
+    assert conclude(heads, None, True).predicted == "inconclusive"
+    blind = conclude(heads, 0.9, False)
+    assert blind.predicted == "inconclusive" and "no query or key map" in blind.reason
+    calm = [h for h in heads if not h.needs_new_attention]
+    assert conclude(calm, 0.9, True).predicted == "success"

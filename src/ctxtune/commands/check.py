@@ -4,6 +4,15 @@ Checks (per layer and head, on the inputs the adapted model sees and the same co
 renormalised content attention, output reconstruction, bias in the span of the prefix values, and two
 negative controls that must fail (perturbed alpha; a weight-updated copy of the layer's attention).
 The cross-layer change against the base model's own inputs is reported separately, never as a check.
+
+Which adapter: `--adapter PATH` (a PEFT adapter folder or a ctxtune run folder, see
+`ctxtune.commands.adapters`), or the trained adapter of a run folder given as `--model`, or else a seeded
+random one (`--method`, `--length`). What is checked follows the adapter's method (its `identity` fact):
+"holds" (prefix, prefix_kv, soft prompt, ...): the identity checks on the TRAINED adapter; "none" (LoRA, full
+fine-tuning): the identity does not apply, and is reported so; the weight control runs instead: the base's
+and the trained attention on the same layer inputs, where a change of relative attention (q or k adapted) and
+of the head outputs (q, k or v adapted) is expected and its size is reported as a margin over the tolerance
+a prefix passes at. "partial" (suffix): refused, with where to look instead.
 Exit code 0: every check has its expected outcome; 1: one does not; 2: bad input.
 """
 
@@ -44,18 +53,13 @@ N_INPUTS, N_TOKENS = 2, 12
 check_app = typer.Typer(help="Executable checks of the paper's theory.", no_args_is_help=True)
 
 
-def _model_and_method(spec: str, method_key: str | None, length: int, seed: int, dtype: torch.dtype) -> tuple:
-    """The model (a run folder's, or a Hugging Face model) and the context method to check on it: the run's own
-    trained adapter when it is a context method, else a seeded random one of `length` virtual tokens."""
+def _random_adapter(spec: str, method_key: str | None, length: int, seed: int, dtype: torch.dtype) -> tuple:
+    """(model, a seeded random context method of `length` virtual tokens) on a run's or a Hugging Face model."""
     from ctxtune.methods import make_method
-    from ctxtune.train.runs import load_run_method, load_run_model, read_run
+    from ctxtune.train.runs import load_run_model
 
     if is_run_folder(spec):
-        record = read_run(spec)
         model = load_run_model(spec).to(dtype).eval()
-        trained = record.spec.method
-        if record.saves == "adapter" and method_key in (None, trained) and trained in context_methods():
-            return model, load_run_method(spec, model, adapter=0).to(dtype)
     else:
         from ctxtune.hf.backbone import load_backbone
 
@@ -65,48 +69,118 @@ def _model_and_method(spec: str, method_key: str | None, length: int, seed: int,
     return model, method.to(dtype)
 
 
-def _captures(spec: str, method_key: str | None, length: int, seed: int, dtype: torch.dtype) -> tuple:
-    """(method name, prefixed captures, base captures, attention modules) on random content tokens."""
+def _trained_adapter(model: str | None, adapter: str | None, index: int, dtype: torch.dtype) -> Any:
+    """The adapter to check, when there is a trained one: --adapter, or the adapter of a tune run given as --model."""
+    from ctxtune.commands.adapters import open_adapter
+    from ctxtune.train.runs import read_run
+
+    if adapter is not None:
+        return open_adapter(adapter, model, index, dtype)
+    if model is not None and is_run_folder(model) and read_run(model).spec.kind == "tune":
+        return open_adapter(model, None, index, dtype)  # never a random prefix on a run that trained something
+    return None
+
+
+def _random_tokens(model: Any, method: Any, seed: int) -> torch.Tensor:
+    """[N_INPUTS, up to N_TOKENS] random content tokens that fit the model with the method's added positions."""
+    extra = method.positions_added(method.config) if method is not None else 0
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(0, model.cfg.d_vocab, (N_INPUTS, max(1, min(N_TOKENS, model.cfg.n_ctx - extra))),
+                         generator=gen)
+
+
+def context_report(method: Any, seed: int) -> dict[str, Any]:
+    """The identity checks, alpha statistics and cross-layer changes of a context method on its model."""
     from ctxtune.theory.capture import capture_for, capture_method
 
-    model, method = _model_and_method(spec, method_key, length, seed, dtype)
-    n_ctx = model.cfg.n_ctx - method.positions_added(method.config)
-    gen = torch.Generator().manual_seed(seed + 1)
-    tokens = torch.randint(0, model.cfg.d_vocab, (N_INPUTS, max(1, min(N_TOKENS, n_ctx))), generator=gen)
+    model = method.model
+    tokens = _random_tokens(model, method, seed)
     layers = capture_method(method, tokens)
     base = capture_for(model)(model, tokens, position_ids=layers[0].position_ids)
-    return method.key, layers, base, model.attention_modules()
+    results: list[CheckResult] = check_layers(layers)
+    for la, module in zip(layers, model.attention_modules(), strict=True):
+        results += check_weights_control(la, perturbed_copy(module, seed))
+    return {
+        "method": method.key, "identity": method.identity, "length": layers[0].n_virtual,
+        "checks": [{k: r.to_dict()[k] for k in CHECK_KEYS} for r in results],
+        "alpha": [vars(s) for la in layers for s in alpha_stats(la)],
+        "cross_layer": [c.to_dict() for c in cross_layer_changes(layers, base)],
+        "passed": all(r.ok for r in results),
+    }
 
 
-def run_checks(model: str, method: str | None, length: int, seed: int, dtype: str) -> dict[str, Any]:
+def expected_moves(method: Any) -> dict[str, bool]:
+    """Which weight-control checks a trained weight method must fail (its change must show): relative attention
+    when it adapts q or k; the head outputs when it adapts q, k or v (a method without `targets` adapts all)."""
+    targets = set(getattr(method.config, "targets", ("q", "k", "v", "o")))
+    return {"control_weights_attention": bool(targets & {"q", "k"}),
+            "control_weights_output": bool(targets & {"q", "k", "v"})}
+
+
+def weight_report(adapter: Any, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    """The weight control of a trained weight method: base vs trained attention on the base's layer inputs."""
+    from ctxtune.theory.capture import capture_for
+
+    method = adapter.method
+    base = adapter.load_base(dtype)
+    tokens = _random_tokens(base, None, seed)
+    layers = capture_for(base)(base, tokens)
+    expected = expected_moves(method)
+    checks = []
+    with method.active(None):
+        for la, trained in zip(layers, method.model.attention_modules(), strict=True):
+            for r in check_weights_control(la, trained):
+                must_fail = expected[r.kind]
+                checks.append({**{k: r.to_dict()[k] for k in CHECK_KEYS}, "margin": r.margin,
+                               "expected_to_fail": must_fail, "ok": (not r.passed) or not must_fail})
+    margins = {kind: max(c["margin"] for c in checks if c["kind"] == kind) for kind in expected}
+    return {"method": method.key, "identity": method.identity, "length": 0, "checks": checks, "alpha": [],
+            "cross_layer": [], "weight_control": {"expected_to_move": expected, "max_margin": margins},
+            "passed": all(c["ok"] for c in checks)}
+
+
+def run_checks(model: str | None, method: str | None, length: int, seed: int, dtype: str,
+               adapter: str | None = None, index: int = 0) -> dict[str, Any]:
     """Everything `check attention` reports, as one JSON-ready dict."""
+    if model is None and adapter is None:
+        raise CtxtuneError("give --model (a run folder or a Hugging Face model), --adapter, or both")
     if method is not None and method not in context_methods():
         raise CtxtuneError(f"--method must be one of {', '.join(context_methods())}, got {method!r}")
     if length < 1:
         raise CtxtuneError(f"--length must be at least 1, got {length}")
     if dtype not in DTYPES:
         raise CtxtuneError(f"--dtype must be float32 or float64, got {dtype!r}")
+    if index < 0:
+        raise CtxtuneError(f"--index must be non-negative, got {index}")
+    model = str(Path(model).expanduser()) if model not in (None, "smollm2") else model
     with torch.no_grad():
-        key, layers, base, modules = _captures(str(Path(model).expanduser()) if model != "smollm2" else model,
-                                               method, length, seed, DTYPES[dtype])
-        results: list[CheckResult] = check_layers(layers)
-        for la, module in zip(layers, modules, strict=True):
-            results += check_weights_control(la, perturbed_copy(module, seed))
-        cross = cross_layer_changes(layers, base)
-    alphas = [s for la in layers for s in alpha_stats(la)]
-    return {
-        "model": model,
-        "method": key,
-        "length": layers[0].n_virtual,
-        "dtype": dtype,
-        "checks": [
-            {k: r.to_dict()[k] for k in ("layer", "head", "kind", "max_abs_err", "tol", "passed", "control")}
-            for r in results
-        ],
-        "alpha": [vars(s) for s in alphas],
-        "cross_layer": [c.to_dict() for c in cross],
-        "passed": all(r.ok for r in results),
-    }
+        trained = _trained_adapter(model, adapter, index, DTYPES[dtype])
+        if trained is not None and method is not None:
+            raise CtxtuneError(f"--method describes a random adapter; {trained.path} is a trained {trained.key} "
+                               "adapter")
+        if trained is None:
+            report = context_report(_random_adapter(model, method, length, seed, DTYPES[dtype])[1], seed)
+        elif trained.identity == "holds":
+            report = context_report(trained.method, seed)
+        elif trained.identity == "none":
+            report = weight_report(trained, DTYPES[dtype], seed)
+        else:
+            raise CtxtuneError(f"{trained.path} is a {trained.key} adapter: the Section 4 identity holds only partly "
+                               "for it (relative attention yes, the fixed-values bias no); see the decomposition "
+                               "analysis (docs/suffix-vs-prefix.md)")
+    where = {"model": trained.base if trained is not None else model, "adapter": trained.path if trained else None,
+             "adapter_description": trained.description if trained else f"random, seed {seed}"}
+    return {**where, "dtype": dtype, "status": status(report), **report}
+
+
+def status(report: dict[str, Any]) -> str:
+    """One phrase for the outcome; a weight method never reads as the identity passing."""
+    if report["identity"] == "none":
+        return "the identity does not apply" + ("" if report["passed"] else "; weight control unexpected")
+    return "all checks as expected" if report["passed"] else "some checks failed"
+
+
+CHECK_KEYS = ("layer", "head", "kind", "max_abs_err", "tol", "passed", "control")
 
 
 def _table(report: dict[str, Any]) -> Any:
@@ -155,12 +229,63 @@ def _table(report: dict[str, Any]) -> Any:
     return table
 
 
+def _weight_table(report: dict[str, Any]) -> Any:
+    """Per layer: how far the trained weights move attention and head outputs (largest head), in tolerances."""
+    from rich.table import Table
+
+    table = Table(title=f"{report['model']} + {report['adapter_description']}: weight control, {report['dtype']} "
+                  "(worst head)")
+    for name in ("layer", "attention moved", "x tol", "outputs moved", "x tol", "must move"):
+        table.add_column(name, justify="right")
+    table.add_column("ok")
+    moves = report["weight_control"]["expected_to_move"]
+    for layer in range(1 + max(c["layer"] for c in report["checks"])):
+        rows = [c for c in report["checks"] if c["layer"] == layer]
+        cells = []
+        for kind in ("control_weights_attention", "control_weights_output"):
+            worst = max((c for c in rows if c["kind"] == kind), key=lambda c: c["margin"])
+            cells += [f"{worst['max_abs_err']:.2e}", f"{worst['margin']:.1e}"]
+        wanted = "+".join(w for w, k in (("attn", "control_weights_attention"), ("out", "control_weights_output"))
+                          if moves[k]) or "-"
+        table.add_row(str(layer), *cells, wanted, "[green]yes[/]" if all(c["ok"] for c in rows) else "[red]NO[/]")
+    return table
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The table and the verdict lines of `check attention`."""
+    from rich.console import Console
+
+    console = Console()
+    if report["identity"] == "none":
+        console.print(_weight_table(report))
+        margin = report["weight_control"]["max_margin"]
+        console.print(
+            f"{report['method']} changes weights: the Section 4 identity does not apply (it is about virtual tokens "
+            "before the content). Weight control instead: on the same layer inputs the trained weights move "
+            f"relative attention up to {margin['control_weights_attention']:.1e} x and head outputs up to "
+            f"{margin['control_weights_output']:.1e} x the tolerance a prefix passes within."
+        )
+        colour = "yellow" if report["passed"] else "red"
+        console.print(f"[{colour}]{report['status']}[/]")
+        return
+    console.print(_table(report))
+    console.print("cross-layer dA: max |renormalised attention - base model's own attention| (not a check)")
+    console.print(
+        f"adapter: {report['adapter_description']}; "
+        + ("[green]all checks as expected[/]" if report["passed"] else "[red]some checks failed[/]")
+    )
+
+
 @check_app.command("attention")
 @cli_errors
 def attention(
-    model: str = typer.Option(..., "--model", help="run folder, HF folder, .gguf file, or 'smollm2'"),
+    model: str = typer.Option(None, "--model", help="run folder, HF folder, .gguf file, or 'smollm2' (the base of a "
+                              "PEFT --adapter)"),
+    adapter: str = typer.Option(None, "--adapter", help="a trained adapter: a PEFT adapter folder (prefix tuning, "
+                                "prompt tuning, LoRA) or a ctxtune run folder"),
+    index: int = typer.Option(0, "--index", help="which adapter of a run's bank"),
     method: str = typer.Option(
-        None, "--method", help="prefix | prefix_kv | soft_prompt (default: the run's, else prefix)"
+        None, "--method", help="random adapter: prefix | prefix_kv | soft_prompt (default prefix)"
     ),
     length: int = typer.Option(1, "--length", help="number of virtual tokens P of a random adapter"),
     seed: int = typer.Option(0, "--seed", help="seed of the random adapter, inputs and weight control"),
@@ -169,25 +294,20 @@ def attention(
 ) -> None:
     """Check that a prefix only rescales content attention and biases each head's output.
 
-    Without a trained adapter a seeded random one is used. The cross-layer column compares with the
-    base model's OWN inputs and is information, not a check.
+    With --adapter (or a tune run as --model) the TRAINED adapter is checked; a weight method (LoRA, full
+    fine-tuning) is reported as "the identity does not apply" with the weight control instead. Without one a
+    seeded random adapter is used. The cross-layer column compares with the base model's OWN inputs and is
+    information, not a check.
 
     Example: ctxtune check attention --model smollm2 --method prefix_kv --length 10 --dtype float32
+
+    Example: ctxtune check attention --model models/llama --adapter adapters/lora
     """
-    report = run_checks(model, method, length, seed, dtype)
+    report = run_checks(model, method, length, seed, dtype, adapter, index)
     if as_json:
         emit_json(report)
     else:
-        from rich.console import Console
-
-        console = Console()
-        console.print(_table(report))
-        console.print(
-            "cross-layer dA: max |renormalised attention - base model's own attention| (not a check)"
-        )
-        console.print(
-            "[green]all checks as expected[/]" if report["passed"] else "[red]some checks failed[/]"
-        )
+        print_report(report)
     if not report["passed"]:
         raise typer.Exit(1)
 

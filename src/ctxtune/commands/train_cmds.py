@@ -217,33 +217,79 @@ def tune_cmd(
 
 @cli_errors
 def eval_cmd(
-    run: Path = typer.Option(..., help="A pretrain run (the base alone) or a tune run (base + its method)."),
-    task: list[str] = typer.Option(..., help="Task(s) to evaluate on; repeatable."),
-    examples: int = typer.Option(3200, help="Test examples per task."),
+    run: Path = typer.Option(None, help="A pretrain run (the base alone) or a tune run (base + its method)."),
+    adapter: str = typer.Option(None, "--adapter", help="A trained adapter instead of --run: a PEFT adapter folder "
+                                "(prefix tuning, prompt tuning, LoRA; with --base) or a ctxtune run folder."),
+    base: str = typer.Option(None, "--base", help="Base model of a PEFT --adapter: Hugging Face folder, .gguf or "
+                             "smollm2 (default: the adapter's base_model_name_or_path when it is a local folder)."),
+    task: list[str] = typer.Option(None, help="Task(s) to evaluate on; repeatable."),
+    task_file: Path = typer.Option(None, "--task-file", help="A JSONL file of prompt/completion pairs (Hugging "
+                                   "Face models; docs/bring-your-own-model.md), evaluated on its test split."),
+    examples: int = typer.Option(None, help="Test examples per task (default 3200; a --task-file's test split: "
+                                 "each example once)."),
     seed: int = typer.Option(0, help="Seed of the evaluation data."),
-    adapter: int = typer.Option(0, help="Which adapter of a bank to evaluate."),
+    index: int = typer.Option(0, "--index", help="Which adapter of a bank to evaluate."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Exact-match accuracy (greedy decoding) of a run on one or more tasks.
+    """Exact-match accuracy (greedy decoding) of a run or an adapter on one or more tasks.
 
     Example: ctxtune eval --run runs/asc-prefix --task descending --task ascending
-    """
-    from ctxtune.train.evaluate import evaluate
-    from ctxtune.train.runs import load_run_method, read_run
 
-    if examples <= 0:
+    Example: ctxtune eval --adapter adapters/lora --base models/llama --task-file task.jsonl
+    """
+    from ctxtune.commands.adapters import file_task
+    from ctxtune.train.evaluate import evaluate
+
+    if adapter is not None and adapter.isdigit() and not Path(adapter).exists():
+        raise ConfigError(f"--adapter names an adapter folder now; the adapter of a bank is --index {adapter}")
+    if (run is None) == (adapter is None):
+        raise ConfigError("give exactly one of --run (a run folder) and --adapter (a PEFT or run folder)")
+    if examples is not None and examples <= 0:
         raise ConfigError(f"--examples must be positive, got {examples}")
     if seed < 0:
         raise ConfigError(f"--seed must be non-negative, got {seed}")
+    if not task and task_file is None:
+        raise ConfigError("no task given: pass --task (repeatable) or --task-file")
+    method, base_source, placeholders = _eval_target(run, adapter, base, index)
+    names = list(task or [])
+    if task_file is not None:
+        names.append(file_task(task_file, base_source).name)
+    task_objs = [get_task(t) for t in names]
+    counts = [examples or _default_examples(t) for t in task_objs]
+    k = 0 if method.n_adapters == 1 else index
+    if len(set(counts)) == 1:  # one call: task i draws its data from the evaluation seed and i
+        accs = evaluate(method, task_objs, counts[0], seed=seed, placeholders=placeholders, adapters=[k] * len(names))
+    else:
+        accs = [evaluate(method, [t], n, seed=seed, placeholders=placeholders, adapters=[k])[0]
+                for t, n in zip(task_objs, counts, strict=True)]
+    where = {"run": str(run)} if run is not None else {"adapter": adapter, "base": base_source}
+    report(json_out, {**where, "index": index, "examples": dict(zip(names, counts, strict=True)),
+                      "accuracy": dict(zip(names, accs, strict=True))})
+
+
+def _eval_target(run: Path | None, adapter: str | None, base: str | None, index: int) -> tuple[Any, str, int]:
+    """(the method to evaluate, its base model's source, placeholders) of --run or --adapter."""
+    from ctxtune.tasks.user import register_run_tasks
+    from ctxtune.train.runs import load_run_method, read_run
+
+    if adapter is not None:
+        from ctxtune.commands.adapters import open_adapter
+
+        opened = open_adapter(adapter, base, index)
+        return opened.method, opened.base, opened.placeholders
+    assert run is not None
+    register_run_tasks(run)
     record = read_run(run)
-    task_objs = [get_task(t) for t in task]
-    if not 0 <= adapter < len(record.spec.streams):
-        raise ConfigError(f"--adapter {adapter} out of range: the run has {len(record.spec.streams)} adapter(s)")
-    method = load_run_method(run)
-    accs = evaluate(method, task_objs, examples, seed=seed, placeholders=record.spec.train.placeholders,
-                    adapters=[adapter] * len(task_objs))
-    report(json_out, {"run": str(run), "adapter": adapter, "examples": examples,
-                      "accuracy": dict(zip(task, accs, strict=True))})
+    if not 0 <= index < len(record.spec.streams):
+        raise ConfigError(f"--index {index} out of range: the run has {len(record.spec.streams)} adapter(s)")
+    source = record.base().source if record.spec.kind == "tune" else str(run)
+    return load_run_method(run), source, record.spec.train.placeholders
+
+
+def _default_examples(task: Any) -> int:
+    """3200 examples, or every test example of a task with a finite test split once."""
+    by_split = getattr(task, "by_split", None)
+    return len(by_split["test"]) if by_split is not None else 3200
 
 
 def already_finished(result: RunResult) -> dict[str, Any]:

@@ -25,7 +25,8 @@ Prefix keys never carry a position. Limits: unpadded batches only.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import nn
 
 from ctxtune.errors import ConfigError, CtxtuneError
 from ctxtune.model.gpt import LayerPrefix, check_token_ids
+from ctxtune.model.hooks import HookedModule, HookPoint
 from ctxtune.theory.capture import LayerAttention, register_capture
 
 ATTN_NAME = "ctxtune_eager"
@@ -49,13 +51,26 @@ class _State:
     prefix: LayerPrefix | None = None
     record: dict[str, torch.Tensor] | None = None
     keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the call's own keys and values
+    hooks: dict[str, HookPoint] | None = None  # active named hooks of this layer's attention (HFBackbone.hooks)
+    in_prefix: bool = False  # the layer's norm and projections are making prefix keys/values (hooks stay quiet)
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.prefix is None:
             return None
         if self.prefix.hidden is not None:
-            return self.kv_fn(self.prefix.hidden)
+            self.in_prefix = True
+            try:
+                return self.kv_fn(self.prefix.hidden)
+            finally:
+                self.in_prefix = False
         return self.prefix.key, self.prefix.value  # type: ignore[return-value]
+
+    def hook(self, name: str, x: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+        """Pass x [b, heads, n, d] through the named hook as [b, n, heads, d] (TransformerLens's layout), if active."""
+        hp = self.hooks.get(name) if self.hooks else None
+        if hp is None:
+            return x
+        return hp(x.transpose(heads_dim, 2)).transpose(heads_dim, 2)
 
 
 def _attention(
@@ -74,12 +89,19 @@ def _attention(
     """
     state: _State | None = getattr(module, _STATE, None)
     batch, n_heads, tq, d_head = query.shape
+    live = state if state is not None and state.hooks else None  # named hooks of this layer (HFBackbone.hooks)
+    if live is not None:
+        query = live.hook("rot_q", query)
+        current = live.hook("rot_k", key[:, :, -tq:])  # this call's keys; cached keys come before them
+        key = torch.cat([key[:, :, :-tq], current], dim=2)
     if state is not None and state.keep_kv is not None:
         state.keep_kv.append((key, value))  # [b, kvh, Tk, d]: rotated, not yet expanded to the query heads
     pre = state.prefix_kv() if state is not None else None
     n_pre = 0
     if pre is not None:
         pk, pv = (t.to(key.dtype).expand(batch, -1, -1, -1) for t in pre)  # [b, kvh, P, d]
+        if live is not None:
+            pk, pv = live.hook("prefix_k", pk), live.hook("prefix_v", pv)
         n_pre = pk.shape[2]
         key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)  # [b, kvh, P + Tk, d]
     scale = d_head**-0.5 if scaling is None else scaling
@@ -88,19 +110,26 @@ def _attention(
     visible = torch.arange(tk, device=query.device)[None, :] <= q_idx  # [Tq, Tk]
     visible = torch.cat([torch.ones(tq, n_pre, dtype=torch.bool, device=query.device), visible], dim=1)
     recording = state is not None and state.record is not None
-    if not recording:
+    explicit = recording or (live is not None and bool({"attn_scores", "pattern"} & set(live.hooks or {})))
+    if not explicit:
         z = nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=visible, dropout_p=dropout if module.training else 0.0, scale=scale,
             enable_gqa=True,
         )
-        return z.transpose(1, 2).contiguous(), None  # [b, Tq, h, d]
+        z = z.transpose(1, 2).contiguous()  # [b, Tq, h, d]
+        return (live.hooks["z"](z) if live is not None and "z" in live.hooks else z), None  # type: ignore[index]
     n_rep = n_heads // key.shape[1]
     key = key.repeat_interleave(n_rep, dim=1)  # [b, h, n_keys, d]: head h reads kv head h // n_rep
     value = value.repeat_interleave(n_rep, dim=1)
     scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))  # [b, h, Tq, n_keys]
+    hooks = live.hooks if live is not None else {}
+    scores = hooks["attn_scores"](scores) if "attn_scores" in hooks else scores  # type: ignore[index]
     pattern = scores.softmax(dim=-1)
+    pattern = hooks["pattern"](pattern) if "pattern" in hooks else pattern  # type: ignore[index]
     z = (nn.functional.dropout(pattern, p=dropout, training=module.training) @ value).transpose(1, 2).contiguous()
-    state.record.update(q=query, k=key, v=value, pattern=pattern, z=z, n_pre=torch.tensor(n_pre))  # type: ignore[union-attr]
+    z = hooks["z"](z) if "z" in hooks else z  # type: ignore[index]
+    if recording:
+        state.record.update(q=query, k=key, v=value, pattern=pattern, z=z, n_pre=torch.tensor(n_pre))  # type: ignore[union-attr]
     return z, pattern  # z [b, Tq, h, d]
 
 
@@ -208,6 +237,136 @@ def disable(model: nn.Module) -> None:
         del model._ctxtune_prev_attn
 
 
+# ----- named hooks ----------------------------------------------------------------------------------------------
+ATTN_HOOKS = ("q", "k", "v", "rot_q", "rot_k", "prefix_k", "prefix_v", "attn_scores", "pattern", "z")
+IN_FUNCTION = ("rot_q", "rot_k", "prefix_k", "prefix_v", "attn_scores", "pattern", "z")  # inside `_attention`
+BLOCK_HOOKS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+
+
+def hook_names(n_layers: int) -> list[str]:
+    """The hook points of an HFBackbone, named as on ctxtune's GPT (`ctxtune.model.gpt`)."""
+    names = ["hook_embed"]
+    for layer in range(n_layers):
+        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.ln1.hook_normalized"]
+        names += [f"blocks.{layer}.attn.hook_{h}" for h in ATTN_HOOKS]
+        names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.ln2.hook_normalized",
+                  f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.hook_resid_post"]
+    return [*names, "ln_final.hook_normalized"]
+
+
+@dataclass
+class _HookModules:
+    """The Hugging Face modules whose inputs or outputs the named hooks read, per layer."""
+
+    ln2: list[nn.Module]
+    mlps: list[nn.Module]
+    final_norm: nn.Module
+
+
+def _hook_modules(model: nn.Module, lay: HFLayout) -> _HookModules:
+    if lay.family == "gpt2":
+        return _HookModules([b.ln_2 for b in lay.blocks], [b.mlp for b in lay.blocks], model.transformer.ln_f)
+    return _HookModules([b.post_attention_layernorm for b in lay.blocks], [b.mlp for b in lay.blocks], model.model.norm)
+
+
+def _replace_output(hp: HookPoint, state: _State | None = None) -> Callable:
+    """A torch forward hook that passes a module's output (or the first item of a tuple) through `hp`."""
+
+    def fn(_m: nn.Module, _args: Any, out: Any) -> Any:
+        if state is not None and state.in_prefix:
+            return None
+        if isinstance(out, tuple):
+            return (hp(out[0]), *out[1:])
+        return hp(out)
+
+    return fn
+
+
+def _replace_heads(hps: list[HookPoint], widths: list[int], d_head: int, state: _State) -> Callable:
+    """A torch forward hook on a projection whose output [b, pos, sum(widths)] holds one or more per-head tensors
+    (q; k; v; or GPT-2's fused q, k, v): each goes through its hook point as [b, pos, heads, d_head]."""
+
+    def fn(_m: nn.Module, _args: Any, out: torch.Tensor) -> Any:
+        if state.in_prefix:
+            return None
+        if out.dim() == 4:  # a per-head norm's output (q_norm, k_norm): already [b, pos, heads, d_head]
+            return hps[0](out)
+        parts = []
+        for hp, part in zip(hps, out.split(widths, dim=-1), strict=True):
+            heads = part.view(*part.shape[:-1], -1, d_head)  # [b, pos, heads, d_head]
+            parts.append(hp(heads).reshape(part.shape))  # [b, pos, heads * d_head]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    return fn
+
+
+def _replace_first_input(hp: HookPoint) -> Callable:
+    """A torch forward pre-hook (with kwargs) that passes a layer's hidden-state input through `hp`."""
+
+    def fn(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            return (hp(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hp(kwargs["hidden_states"])}
+
+    return fn
+
+
+def _projection_hooks(backbone: HFBackbone, layer: int, active: Callable[[str], HookPoint | None],
+                      state: _State) -> list[Any]:
+    """hook_q, hook_k, hook_v of one layer: on the projections as they are now (a LoRA's wrappers included), or on
+    q_norm/k_norm where the family normalises queries and keys per head before rotary."""
+    lay, handles = backbone.layout, []
+    attn = lay.attn[layer]
+    if lay.family == "gpt2":
+        hps = [active(f"attn.hook_{h}") for h in ("q", "k", "v")]
+        if any(hps):
+            quiet = [hp or HookPoint() for hp in hps]
+            width = lay.n_heads * lay.d_head
+            handles.append(attn.c_attn.register_forward_hook(_replace_heads(quiet, [width] * 3, lay.d_head, state)))
+        return handles
+    sites = backbone.linear_sites(layer)
+    for short, role, norm in (("q", "q", "q_norm"), ("k", "k", "k_norm"), ("v", "v", None)):
+        hp = active(f"attn.hook_{short}")
+        if hp is None:
+            continue
+        parent, attr = sites[role]
+        module = getattr(attn, norm) if norm and hasattr(attn, norm) else getattr(parent, attr)
+        heads = lay.n_heads if short == "q" else lay.n_kv_heads
+        handles.append(module.register_forward_hook(_replace_heads([hp], [heads * lay.d_head], lay.d_head, state)))
+    return handles
+
+
+def wire_hooks(backbone: HFBackbone) -> list[Any]:
+    """Install torch hooks for the hook points that have functions now; returns the handles to remove."""
+    lay, mods = backbone.layout, backbone._hook_mods
+    handles: list[Any] = []
+
+    def on(name: str) -> HookPoint | None:
+        hp = backbone.hook_dict[name]
+        return hp if hp.active else None
+
+    for layer in range(lay.n_layers):
+        state: _State = getattr(lay.attn[layer], _STATE)
+
+        def active(short: str, _layer: int = layer) -> HookPoint | None:
+            return on(f"blocks.{_layer}.{short}")
+
+        inside = {h: hp for h in IN_FUNCTION if (hp := active(f"attn.hook_{h}")) is not None}
+        state.hooks = inside or None
+        if hp := active("hook_resid_pre"):
+            handles.append(lay.blocks[layer].register_forward_pre_hook(_replace_first_input(hp), with_kwargs=True))
+        if hp := active("ln1.hook_normalized"):
+            handles.append(lay.norms[layer].register_forward_hook(_replace_output(hp, state)))
+        handles += _projection_hooks(backbone, layer, active, state)
+        for hp, module in ((active("hook_attn_out"), lay.attn[layer]), (active("ln2.hook_normalized"), mods.ln2[layer]),
+                           (active("hook_mlp_out"), mods.mlps[layer]), (active("hook_resid_post"), lay.blocks[layer])):
+            if hp is not None:
+                handles.append(module.register_forward_hook(_replace_output(hp)))
+    if hp := on("ln_final.hook_normalized"):
+        handles.append(mods.final_norm.register_forward_hook(_replace_output(hp)))
+    return handles
+
+
 # ----- the backbone -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HFConfig:
@@ -250,8 +409,9 @@ def hf_config(model: nn.Module, source: str = "") -> HFConfig:
                     norm="rmsnorm" if llama else "layernorm")
 
 
-class HFBackbone(nn.Module):
-    """A Hugging Face causal LM behind ctxtune's model interface (module docstring)."""
+class HFBackbone(HookedModule):
+    """A Hugging Face causal LM behind ctxtune's model interface (module docstring), with ctxtune's named hooks:
+    `run_with_cache`, `run_with_hooks` and `hooks()` under the hook names of ctxtune's GPT (docs/hooks.md)."""
 
     def __init__(self, hf_model: nn.Module, source: str = "") -> None:
         super().__init__()
@@ -260,6 +420,10 @@ class HFBackbone(nn.Module):
         self.cfg = hf_config(hf_model, source)
         self.embed = self.layout.embed
         self.blocks = self.layout.blocks
+        self.hook_dict = {name: HookPoint() for name in hook_names(self.layout.n_layers)}  # not submodules
+        for name, hp in self.hook_dict.items():
+            hp.name = name
+        self._hook_mods = _hook_modules(hf_model, self.layout)
         # transformers 5.x renames `past_key_values` to `cache` (the old name goes in 5.40): use what this one has
         params = inspect.signature(hf_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -295,6 +459,20 @@ class HFBackbone(nn.Module):
             for st in states:
                 st.keep_kv = None
 
+    @contextmanager
+    def hooks(self, fwd_hooks: Any = ()) -> Iterator[HFBackbone]:
+        """Named hooks for the duration of the block (as `HookedModule.hooks`): the Hugging Face modules get torch
+        hooks only for the hook points in use, and lose them on exit."""
+        with HookedModule.hooks(self, fwd_hooks):
+            handles = wire_hooks(self)
+            try:
+                yield self
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for attn in self.layout.attn:
+                    getattr(attn, _STATE).hooks = None
+
     def new_cache(self) -> Any:
         from transformers import DynamicCache
 
@@ -318,6 +496,8 @@ class HFBackbone(nn.Module):
         if prefix is not None and len(prefix) != self.cfg.n_layers:
             raise ValueError(f"prefix has {len(prefix)} layers, model has {self.cfg.n_layers}")
         x = self.embed_tokens(tokens) if tokens is not None else embeds
+        if self.hook_dict["hook_embed"].active:
+            x = self.hook_dict["hook_embed"](x)
         batch, pos = x.shape[:2]
         if position_ids is None:
             offset = cache.get_seq_length() if cache is not None else 0

@@ -263,6 +263,11 @@ def peft_refusal(method: Method) -> str | None:
     """Why `method` cannot be a PEFT adapter with the same logits (None: it can)."""
     from ctxtune.methods import get_method_class, list_methods
 
+    from ctxtune.model import GPT
+
+    if not isinstance(method.model, GPT):
+        return ("the run's base is a Hugging Face model: PEFT export is written for ctxtune's GPT "
+                "(export the GPT base with `ctxtune export gpt2`); a Hugging Face base is not supported yet")
     if method.peft_type is None:
         exportable = [k for k in list_methods() if get_method_class(k).peft_type is not None]
         return (

@@ -259,6 +259,22 @@ class Task(ABC):
         return Batch(tokens=tokens, loss_mask=loss_mask, n_prompt=n_prompt, task_index=task_index)
 
 
+    def make_batches(
+        self,
+        n: int,
+        generator: torch.Generator,
+        split: str = "train",
+        placeholders: int = 0,
+        start_index: int = 0,
+    ) -> list[Batch]:
+        """`n` examples as a list of batches, one per sequence layout (n_prompt, length).
+
+        Tasks whose examples all share one layout (every digit task) return one batch, `make_batch`'s. Tasks
+        with examples of several lengths (`ctxtune.tasks.user.TextTask`) return one batch per layout, so
+        evaluation covers every layout while each batch stays rectangular.
+        """
+        return [self.make_batch(n, generator, split, placeholders, start_index)]
+
 # ----------------------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, Task] = {}
 

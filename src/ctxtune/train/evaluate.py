@@ -41,10 +41,11 @@ def evaluate(
             done = 0
             while done < n_examples:
                 n = min(batch_size, n_examples - done)
-                batch = task.make_batch(n, gen, split="test", placeholders=placeholders, start_index=done)
-                ids = torch.full((n,), k, dtype=torch.long, device=device) if method.n_adapters > 1 else None
-                tokens = batch.tokens.to(device)
-                correct[i] += int(exact_match(method, tokens, batch.n_prompt, ids, mode).sum())
+                for batch in task.make_batches(n, gen, split="test", placeholders=placeholders, start_index=done):
+                    rows = batch.tokens.shape[0]  # one layout per batch (tasks with several lengths give several)
+                    ids = torch.full((rows,), k, dtype=torch.long, device=device) if method.n_adapters > 1 else None
+                    tokens = batch.tokens.to(device)
+                    correct[i] += int(exact_match(method, tokens, batch.n_prompt, ids, mode).sum())
                 done += n
     finally:
         method.model.train(was_training)
