@@ -262,7 +262,6 @@ def gpt2_files(model: GPT) -> dict[str, bytes]:
 def peft_refusal(method: Method) -> str | None:
     """Why `method` cannot be a PEFT adapter with the same logits (None: it can)."""
     from ctxtune.methods import get_method_class, list_methods
-
     from ctxtune.model import GPT
 
     if not isinstance(method.model, GPT):
