@@ -151,3 +151,26 @@ def test_report_imports_no_torch(tmp_path: Path) -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_diagnose_analyses_are_summarised_by_calibration_and_held_out(tmp_path: Path) -> None:
+    make_fixture(tmp_path)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan["studies"]["toy"]["analyses"] = {"a": {"kind": "diagnose", "adaptations": ["lora"], "options": {}},
+                                          "b": {"kind": "diagnose", "adaptations": ["lora"], "options": {}}}
+    results = {"a": (False, "failure", True, True), "b": (True, "success", False, None)}
+    for name, (held_out, predicted, ours, paper) in results.items():
+        folder = tmp_path / "runs" / "toy" / f"analysis.{name}-s0"
+        folder.mkdir(parents=True)
+        diag = {"flagged": ["1.1"] if predicted == "failure" else [], "lora_accuracy": 0.9}
+        (folder / "analysis.json").write_text(json.dumps({"status": "ok", "result": {
+            "diagnosis": diag, "predicted": predicted, "expected": "failure", "held_out": held_out,
+            "agrees_with_our_prefix": ours, "agrees_with_paper": paper, "prefix_accuracy": 0.1}}))
+        plan["jobs"].append({"id": f"toy/analysis.{name}/s0", "kind": "analysis", "out_dir": str(folder),
+                             "depends_on": [], "study": "toy",
+                             "analysis": {"kind": "diagnose", "name": name, "study": "toy", "seed": 0}})
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| calibration | 1/1 | 1/1 | 0 |" in md
+    assert "| held out (not used to set the thresholds) | 0/1 | 0/0 | 0 |" in md

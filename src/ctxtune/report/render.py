@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ctxtune.report.sections import analysis_section, universal_section
+from ctxtune.report.sections import analysis_section, diagnose_agreement, universal_section
 
 VERDICTS = {True: "holds", False: "does NOT hold", None: "not measured"}
 
@@ -120,6 +120,9 @@ def study_markdown(name: str, st: dict[str, Any], scale: str | None, plots: dict
     for kind, label in (("accuracy", "Accuracy"), ("curves", "Learning curves")):
         if f"{name}-{kind}" in plots:
             out += [f"![{label} for {name}]({plots[f'{name}-{kind}']})", ""]
+    agreement = diagnose_agreement(st.get("analyses", {}))
+    if agreement:
+        out += ["### The diagnostic against trained prefixes", "", *agreement]
     for an_name, analysis in st.get("analyses", {}).items():
         out += analysis_section(an_name, analysis)
     out += ["### Runs", "", "| run | status | method | trainable / adapter | steps | seconds |",

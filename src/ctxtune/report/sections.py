@@ -35,13 +35,14 @@ DECOMPOSITION_TEXT = (
 
 def diagnose_table(per_seed: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| seed | expected (paper) | diagnosis (flagged heads) | fit accuracy | our prefix | agrees (paper / ours) |",
-        "|---|---|---|---|---|---|",
+        "| seed | expected (paper) | diagnosis (flagged heads) | fit accuracy | our prefix | agrees (paper / ours) "
+        "| held out |",
+        "|---|---|---|---|---|---|---|",
     ]
     for entry in per_seed:
         res = entry.get("result")
         if not res:
-            lines.append(f"| {entry['seed']} | - | {entry.get('status')}: {entry.get('error')} | - | - | - |")
+            lines.append(f"| {entry['seed']} | - | {entry.get('status')}: {entry.get('error')} | - | - | - | - |")
             continue
         d = res["diagnosis"]
         flagged = ", ".join(d["flagged"]) or "none"
@@ -53,7 +54,7 @@ def diagnose_table(per_seed: list[dict[str, Any]]) -> list[str]:
         )
         lines.append(
             f"| {entry['seed']} | {res.get('expected') or '-'} | {res['predicted']} ({flagged}) | {fit} | {prefix} | "
-            f"{agree} |"
+            f"{agree} | {'yes' if res.get('held_out') else 'no'} |"
         )
     return lines
 
@@ -83,6 +84,32 @@ def analysis_section(name: str, analysis: dict[str, Any]) -> list[str]:
     elif kind == "diagnose":
         lines += [DIAGNOSE_TEXT, "", *diagnose_table(analysis["per_seed"]), ""]
     return lines
+
+
+def diagnose_agreement(analyses: dict[str, Any]) -> list[str]:
+    """One summary over every diagnose analysis of a study: agreement with our prefixes and with the paper,
+    separately for the calibration cases (the thresholds were set on them) and the held-out ones."""
+    tally: dict[bool, dict[str, list[int]]] = {}
+    for analysis in analyses.values():
+        if analysis.get("kind") != "diagnose":
+            continue
+        for entry in analysis["per_seed"]:
+            res = entry.get("result") or {}
+            counts = tally.setdefault(bool(res.get("held_out")), {"ours": [0, 0], "paper": [0, 0], "inconclusive": [0]})
+            if res.get("predicted") == "inconclusive":
+                counts["inconclusive"][0] += 1
+            for key, field in (("ours", "agrees_with_our_prefix"), ("paper", "agrees_with_paper")):
+                if res.get(field) is not None:
+                    counts[key][0] += bool(res[field])
+                    counts[key][1] += 1
+    if not tally:
+        return []
+    lines = ["| cases | agree with our prefix | agree with the paper | inconclusive |", "|---|---|---|---|"]
+    for held_out in sorted(tally):
+        c = tally[held_out]
+        lines.append(f"| {'held out (not used to set the thresholds)' if held_out else 'calibration'} | "
+                     f"{c['ours'][0]}/{c['ours'][1]} | {c['paper'][0]}/{c['paper'][1]} | {c['inconclusive'][0]} |")
+    return [*lines, ""]
 
 
 def universal_table(result: dict[str, Any]) -> str:
