@@ -53,6 +53,16 @@ N_INPUTS, N_TOKENS = 2, 12
 check_app = typer.Typer(help="Executable checks of the paper's theory.", no_args_is_help=True)
 
 
+def check_fits(model: Any, length: int, dtype: torch.dtype) -> None:
+    """Refuse a prefix of `length` whose captured keys, values and patterns cannot fit in memory (limits.py)."""
+    from ctxtune.limits import check_attention_fits
+
+    cfg = model.cfg
+    d_head = getattr(cfg, "head_dim", 0) or cfg.d_model // cfg.n_heads
+    check_attention_fits(cfg.n_layers, cfg.d_model, cfg.n_heads, d_head, length, N_INPUTS, N_TOKENS,
+                         torch.finfo(dtype).bits // 8)
+
+
 def _random_adapter(spec: str, method_key: str | None, length: int, seed: int, dtype: torch.dtype) -> tuple:
     """(model, a seeded random context method of `length` virtual tokens) on a run's or a Hugging Face model."""
     from ctxtune.methods import make_method
@@ -64,6 +74,7 @@ def _random_adapter(spec: str, method_key: str | None, length: int, seed: int, d
         from ctxtune.hf.backbone import load_backbone
 
         model = load_backbone(spec, dtype)
+    check_fits(model, length, dtype)
     method = make_method(method_key or "prefix", model, n_virtual=length)
     method.init_adapter(0, torch.Generator().manual_seed(seed))
     return model, method.to(dtype)

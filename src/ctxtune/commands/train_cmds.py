@@ -14,6 +14,7 @@ import typer
 from ctxtune.commands.common import cli_errors, emit_json, given
 from ctxtune.configs import check_keys, load_toml, table
 from ctxtune.errors import ConfigError
+from ctxtune.limits import MAX_EVAL_EXAMPLES
 from ctxtune.methods import get_method_class
 from ctxtune.model import ModelConfig
 from ctxtune.tasks import get_task
@@ -246,6 +247,8 @@ def eval_cmd(
         raise ConfigError("give exactly one of --run (a run folder) and --adapter (a PEFT or run folder)")
     if examples is not None and examples <= 0:
         raise ConfigError(f"--examples must be positive, got {examples}")
+    if examples is not None and examples > MAX_EVAL_EXAMPLES:
+        raise ConfigError(f"--examples must be at most {MAX_EVAL_EXAMPLES:,} (hours of decoding), got {examples:,}")
     if seed < 0:
         raise ConfigError(f"--seed must be non-negative, got {seed}")
     if not task and task_file is None:
