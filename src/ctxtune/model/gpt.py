@@ -254,15 +254,6 @@ class Block(nn.Module):
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def hooked_prefix_kv(
-        self, prefix: LayerPrefix, normed_hidden: torch.Tensor | None, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix keys and values through `hook_prefix_k`/`hook_prefix_v`: [batch, n_heads, n_virtual, d_head]."""
-        pk, pv = self.prefix_kv(prefix, normed_hidden)
-        pk = self.hook_prefix_k(pk.expand(batch, -1, -1, -1).transpose(1, 2))  # [batch, P, n_heads, d_head]
-        pv = self.hook_prefix_v(pv.expand(batch, -1, -1, -1).transpose(1, 2))
-        return pk.transpose(1, 2), pv.transpose(1, 2)  # [batch, n_heads, P, d_head]
-
     def forward(
         self,
         x: torch.Tensor,
