@@ -1,6 +1,7 @@
 """`ctxtune reproduce --scale quick` timed side by side: serial vs parallel, quiet vs a busy machine.
 
     python benchmarks/reproduce_load.py [--seeds 3] [--only STUDY ...] [--out benchmarks/reproduce_load.json]
+                                        [--keep results/quick-reference]
 
 Runs, one after another on this machine (each into its own temporary folder, so none reuses another's runs):
     serial         --executor local --threads 2 (one job after another, torch on both cores)
@@ -8,6 +9,7 @@ Runs, one after another on this machine (each into its own temporary folder, so 
     parallel_busy  the default again while one other CPU-bound process (a busy loop) runs the whole time
 and writes their wall times and the ratios `make bench` reports (parallel / serial, busy / quiet). Takes
 the time of three quick reproductions: run it on a quiet machine (the busy run brings its own load).
+`--keep DIR` copies the quiet parallel run's folder (report, results.json, runs) to DIR.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +45,8 @@ def reproduce(out: Path, seeds: int, only: list[str], extra: list[str]) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     summary = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
-    return {"wall_seconds": round(wall, 1), "exit_code": proc.returncode, "jobs": summary.get("jobs"),
+    return {"wall_seconds": round(wall, 1), "load_after": round(os.getloadavg()[0], 2),
+            "exit_code": proc.returncode, "jobs": summary.get("jobs"),
             "claims": summary.get("claims"), "stderr_tail": proc.stderr[-500:]}
 
 
@@ -51,12 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", action="append", default=[])
     parser.add_argument("--out", type=Path, default=HERE / "reproduce_load.json")
+    parser.add_argument("--keep", type=Path, default=None, help="copy the quiet parallel run's folder here")
     args = parser.parse_args(argv)
     record: dict = {"seeds": args.seeds, "only": args.only, "cores": len(os.sched_getaffinity(0)),
                     "load_before": os.getloadavg()[0], "runs": {}}
     with tempfile.TemporaryDirectory(prefix="ctxtune-repro-load-") as tmp:
         root = Path(tmp)
         record["runs"]["parallel"] = reproduce(root / "parallel", args.seeds, args.only, [])
+        if args.keep is not None:
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.copytree(root / "parallel", args.keep)
         record["runs"]["serial"] = reproduce(root / "serial", args.seeds, args.only,
                                              ["--executor", "local", "--threads", "2"])
         stop = multiprocessing.Event()
