@@ -62,8 +62,11 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
 
 
 def _check_task(name: str, where: str) -> None:
-    from ctxtune.tasks import get_task
+    import ctxtune.train  # noqa: F401 - registers the task families built on a model's tokenizer (lm_*)
+    from ctxtune.tasks import get_task, is_task
 
+    if is_task(name):  # a family's task (lm_*) is known by name: built when a run needs it, not to load a spec
+        return
     try:
         get_task(name)
     except ConfigError as exc:

@@ -1,4 +1,5 @@
-"""Algorithmic digit tasks: the paper's tasks, extra tasks, batches and the stable split.
+"""Algorithmic digit tasks: the paper's tasks, extra tasks, batches and the stable split; tasks on a language
+model's own tokens (`ctxtune.tasks.lm`, built on demand).
 
 Importing this package registers every task; look them up with :func:`get_task`.
 """
@@ -10,8 +11,11 @@ from ctxtune.tasks.base import (
     Task,
     count_distinct,
     get_task,
+    is_task,
+    list_task_families,
     list_tasks,
     register_task,
+    register_task_family,
 )
 from ctxtune.tasks.digits import (
     PAPER_TASKS,
@@ -61,8 +65,11 @@ __all__ = [
     "count_distinct",
     "get_task",
     "in_split_torch",
+    "is_task",
+    "list_task_families",
     "list_tasks",
     "register_task",
+    "register_task_family",
     "split_bucket",
     "split_bucket_torch",
     "split_of",

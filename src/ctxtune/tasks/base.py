@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -277,6 +278,17 @@ class Task(ABC):
 
 # ----------------------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, Task] = {}
+_FAMILIES: dict[str, Callable[[str], Task]] = {}
+"""Task families: names whose tasks are built on first lookup (name -> builder)."""
+_BUILT: dict[str, Task] = {}
+"""Tasks of families built so far (kept apart from `_REGISTRY`: `list_tasks` lists the registered tasks only)."""
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or name != name.lower() or not name.isidentifier():
+        raise ValueError(f"task name must be a non-empty lowercase identifier, got {name!r}")
+    if name in _REGISTRY or name in _FAMILIES:
+        raise ValueError(f"task {name!r} is already registered")
 
 
 def register_task(task: Task) -> None:
@@ -285,26 +297,61 @@ def register_task(task: Task) -> None:
     Raises:
         ValueError: if the name is empty, not lowercase, or already registered.
     """
-    name = task.name
-    if not isinstance(name, str) or not name or name != name.lower() or not name.isidentifier():
-        raise ValueError(f"task name must be a non-empty lowercase identifier, got {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"task {name!r} is already registered")
-    _REGISTRY[name] = task
+    _check_name(task.name)
+    _REGISTRY[task.name] = task
+
+
+def register_task_family(names: Sequence[str], build: Callable[[str], Task]) -> None:
+    """Declare task names whose tasks are built on their first lookup by `get_task`: ``build(name)``.
+
+    For tasks that need something expensive or from a higher layer to build, such as a model's tokenizer
+    (`ctxtune.tasks.lm`, registered by `ctxtune.train.lm_tasks`). A study spec that names one is validated by
+    `is_task` without building it; a run builds it once per process.
+
+    Raises:
+        ValueError: a name is not a lowercase identifier or is already registered.
+    """
+    names = list(names)
+    for name in names:
+        _check_name(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"task family names repeat: {names}")
+    for name in names:
+        _FAMILIES[name] = build
+
+
+def is_task(name: str) -> bool:
+    """Whether `name` is a registered task or a name of a task family (without building it)."""
+    return isinstance(name, str) and (name in _REGISTRY or name in _FAMILIES)
 
 
 def get_task(name: str) -> Task:
-    """Look up a registered task.
+    """Look up a registered task, or build a family's task on its first lookup.
 
     Raises:
-        ConfigError: for an unknown name; the message names it and lists the known tasks.
+        ConfigError: for an unknown name (the message names it and lists the known tasks), or a family's task
+            that cannot be built here (the builder's message).
     """
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}") from None
+    if isinstance(name, str):
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+        if name in _BUILT:
+            return _BUILT[name]
+        if name in _FAMILIES:
+            task = _FAMILIES[name](name)
+            if task.name != name:
+                raise ConfigError(f"the builder of task {name!r} made a task named {task.name!r}")
+            _BUILT[name] = task
+            return task
+    families = f"; built on demand: {', '.join(sorted(_FAMILIES))}" if _FAMILIES else ""
+    raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}{families}")
 
 
 def list_tasks() -> list[str]:
-    """Names of all registered tasks, sorted."""
+    """Names of all registered tasks, sorted (task families' names: `list_task_families`)."""
     return sorted(_REGISTRY)
+
+
+def list_task_families() -> list[str]:
+    """Names of the tasks built on demand (`register_task_family`), sorted."""
+    return sorted(_FAMILIES)
