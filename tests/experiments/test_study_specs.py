@@ -15,7 +15,7 @@ from ctxtune.experiments.reproduce import reproduce, select_studies
 from ctxtune.experiments.spec import get_study, list_studies, load_study, parse_study, studies_dir
 
 STUDIES = ["cannot_learn_new_attention", "elicit", "compose_vs_new", "prefix_vs_lora"]
-BEYOND = ["suffix_vs_prefix", "diagnose_validation"]
+BEYOND = ["suffix_vs_prefix", "diagnose_validation", "real_lm"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -205,3 +205,64 @@ def test_a_study_on_an_existing_hugging_face_model(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="base not found"):
         expand([parse_study(data, "toy", "toy")], "quick", 1, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+# ----- real_lm: SmolLM2 as the base, a standard scale only (issue 17) ------------------------------------------
+SMOLLM2_SHAPE = {"n_layers": 30, "d_model": 576, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64, "mlp_dim": 1536}
+
+
+def closed_form_count(method: str, options: dict) -> int:
+    """The method class's own closed-form trainable count (`expected_num_trainable`) at SmolLM2's shape, without
+    loading the model (the slow smoke test checks the parameters themselves)."""
+    from types import SimpleNamespace
+
+    from ctxtune.methods import get_method_class
+
+    cls = get_method_class(method)
+    m = cls.__new__(cls)
+    m.__dict__.update(model=SimpleNamespace(cfg=SimpleNamespace(**SMOLLM2_SHAPE)), n_adapters=1,
+                      config=cls.config_cls.from_dict(options, method=method))
+    return m.expected_num_trainable()
+
+
+def test_real_lm_spec_equal_budgets_same_schedule() -> None:
+    spec = get_study("real_lm")
+    assert spec.group == "beyond" and spec.scales == ("standard",)
+    assert spec.bases["smollm2"].source == "smollm2"
+    trained = {a.name: a for a in spec.adaptations.values() if a.method != "none"}
+    assert sorted({a.method for a in trained.values()}) == ["lora", "prefix", "prefix_kv", "soft_prompt"]
+    assert sorted({a.tasks for a in trained.values()}) == [("lm_copy",), ("lm_permute",)]
+    counts = {a.name: closed_form_count(a.method, a.scales["standard"].options) for a in trained.values()}
+    assert set(counts.values()) == {34_560}, counts
+    schedules = {json.dumps({k: v for k, v in a.scales["standard"].train.items() if k != "lr"}, sort_keys=True)
+                 for a in trained.values()}
+    assert len(schedules) == 1  # same steps, batch, schedule and evaluation for every method
+    assert spec.scales and all(a.scales["standard"].options.get("precompute") for a in trained.values()
+                               if a.method == "soft_prompt")
+    as_is = spec.adaptations["as_is"]
+    assert as_is.method == "none" and {"lm_copy_shown", "lm_permute_told"} <= set(as_is.eval_tasks)
+    assert {c.id for c in spec.claims} >= {"elicit", "new_attention"}
+
+
+def test_reproduce_skips_a_study_without_the_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group's run leaves out a study that lacks the scale (real_lm has only `standard`) and says so; naming it
+    with --only at that scale is a one-line error. Nothing is trained here: the plan is captured."""
+    import ctxtune.experiments.pipeline as pipeline
+
+    plans = []
+
+    def capture(out, plan, executor, jobs=None, **kw):  # noqa: ANN001, ANN003, ANN202
+        plans.append(plan)
+        return {"doc": {"jobs": {"ok": 0, "failed": 0, "skipped": 0, "total": 0}, "runs": [], "studies": {}},
+                "paths": {}, "wall_seconds": 0.0}
+
+    monkeypatch.setattr(pipeline, "run_plan", capture)
+    summary = reproduce(scale="quick", seeds=1, out=tmp_path, group="beyond", executor="local", quiet=True)
+    assert set(plans[0]["studies"]) == {"suffix_vs_prefix", "diagnose_validation"}
+    assert summary["skipped_studies"] == {"real_lm": "no quick scale (it has standard)"}
+    assert not any(j["id"].startswith("real_lm/") for j in plans[0]["jobs"])
+    default = reproduce(scale="quick", seeds=1, out=tmp_path / "paper", executor="local", quiet=True)
+    assert default["skipped_studies"] == {} and "real_lm" not in plans[1]["studies"]
+    with pytest.raises(ConfigError, match="has no scale 'quick'") as err:
+        reproduce(scale="quick", seeds=1, only=["real_lm"], out=tmp_path / "only", executor="local", quiet=True)
+    assert "\n" not in str(err.value)

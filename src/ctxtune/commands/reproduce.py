@@ -21,7 +21,7 @@ def reproduce_cmd(
     seeds: int = typer.Option(3, help="Seeds per study (0..N-1)."),
     only: list[str] = typer.Option(None, help="Run only this study; repeat for several. Paper: "
                                    "cannot_learn_new_attention, elicit, compose_vs_new, prefix_vs_lora; beyond the "
-                                   "paper: suffix_vs_prefix, diagnose_validation."),
+                                   "paper: suffix_vs_prefix, diagnose_validation, real_lm (standard scale only)."),
     group: str = typer.Option("paper", help="Without --only: the paper's studies (paper), ours (beyond) or all."),
     out: Path = typer.Option(None, help="Results folder (default results/<scale>)."),
     executor: str = typer.Option("process", help="process (parallel worker processes, the default), local (one "
@@ -75,6 +75,8 @@ def print_summary(summary: dict) -> None:
     typer.echo(f"report: {summary['paths']['html']}")
     typer.echo(f"jobs: {summary['jobs']['ok']} ok, {summary['jobs']['failed']} failed, "
                f"{summary['jobs']['skipped']} skipped; wall {summary['wall_seconds']:.0f} s")
+    for name, why in summary.get("skipped_studies", {}).items():
+        typer.echo(f"  skipped study {name}: {why}")
     for job_id, error in summary["failed"].items():
         typer.echo(f"  failed {job_id}: {error}")
     for claim, holds in summary["claims"].items():

@@ -73,6 +73,8 @@ def reproduce(
 ) -> dict[str, Any]:
     """Run the studies and write DIR/results.json, DIR/report.md, DIR/report.html. Returns a summary dict.
 
+    Without `only`, the studies of `group` that have no `scale` are skipped (summary["skipped_studies"] says why).
+
     By default the jobs run in parallel worker processes, one per usable core (`workers`), each run with the
     torch threads its size calls for (`threads_for`; --threads overrides); the numbers are those of a serial
     run (`executor="local"`), since a run's threads never depend on the scheduling.
@@ -86,7 +88,15 @@ def reproduce(
         raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
-    studies = select_studies(only, group)
+    chosen = select_studies(only, group)
+    # A study without this scale (real_lm has only `standard`) is left out of a group's run and said so; named by
+    # --only, it is an error (expand names the scales it has).
+    studies = [s for s in chosen if only or scale in s.scales]
+    kept = {s.name for s in studies}
+    skipped = {s.name: f"no {scale} scale (it has {', '.join(s.scales)})" for s in chosen if s.name not in kept}
+    if not studies:
+        raise ConfigError(f"no study of group {group!r} has a {scale!r} scale: "
+                          + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     check_device(device)
     out_dir = Path(out if out is not None else f"results/{scale}")
     if out_dir.exists() and not out_dir.is_dir():
@@ -109,7 +119,7 @@ def reproduce(
     doc = report["doc"]
     return {
         "out": str(out_dir), "scale": scale, "seeds": seeds, "wall_seconds": report["wall_seconds"],
-        "jobs": doc["jobs"], "paths": report["paths"],
+        "jobs": doc["jobs"], "paths": report["paths"], "skipped_studies": skipped,
         "failed": {r["id"]: r.get("error") for r in doc["runs"] if r.get("status") not in ("ok", None)},
         "claims": {f"{name}/{c['id']}": c["holds"] for name, st in doc["studies"].items() for c in st["claims"]},
     }
