@@ -52,7 +52,7 @@ def _raw(name: str) -> dict:
         (lambda d: d["bases"]["mix"]["scale"]["quick"]["model"].update(n_layer=2), "unknown model key"),
         (lambda d: d["paper"].update({"nothing/ascending": 0.5}), "names no row"),
         (lambda d: d["claims"][0]["checks"][0].update(op="~"), "op must be one of"),
-        (lambda d: d["bases"]["mix"].update(per_seed=True), "stack_seeds needs a base shared"),
+        (lambda d: d["adaptations"]["prefix"].update(stack_seeds=True), "stack_seeds needs a base shared"),
     ],
 )
 def test_bad_spec_is_one_line_config_error(mutate, needle: str) -> None:
@@ -86,13 +86,16 @@ def test_expand_shares_the_mix_base_and_orders_dependencies(tmp_path: Path) -> N
     assert all(RunSpec.from_dict(j["spec"]) for j in jobs if j["kind"] == "train")  # every job is a valid RunSpec
     bases = [j for j in jobs if j["kind"] == "train" and j["spec"]["kind"] == "pretrain"]
     mix = [j for j in bases if j["id"].startswith("base/mix-")]
-    # elicit and compose_vs_new share one quick mix base; prefix_vs_lora's is deeper (4 layers), so its own run.
-    assert sorted(sorted(j["rows"]) for j in mix) == [["compose_vs_new", "elicit"], ["prefix_vs_lora"]]
-    mix = [j for j in mix if "elicit" in j["rows"]]
+    # Every seed pretrains its own bases. compose_vs_new and prefix_vs_lora share one quick mix base per seed (the
+    # authors' layout, same configuration); elicit's is shallower (2 layers), so its own runs.
+    assert sorted(sorted(j["rows"]) for j in mix) == [["compose_vs_new", "prefix_vs_lora"]] * 3 + [["elicit"]] * 3
+    assert len({j["spec"]["streams"][0]["seed"] for j in mix if "elicit" in j["rows"]}) == 3
     assert len([j for j in bases if "cannot_learn" in j["id"]]) == 3  # one base per seed
-    stacked = next(j for j in jobs if j["id"].startswith("elicit/prefix/"))
-    assert len(stacked["spec"]["streams"]) == 12 and stacked["depends_on"] == [mix[0]["id"]]
-    assert stacked["spec"]["base"] == mix[0]["out_dir"]
+    for seed in range(3):
+        base = next(j for j in mix if "elicit" in j["rows"] and j["id"].endswith(f"/s{seed}"))
+        tuned = next(j for j in jobs if j["id"] == f"elicit/prefix/s{seed}")
+        assert len(tuned["spec"]["streams"]) == 4 and tuned["depends_on"] == [base["id"]]
+        assert tuned["spec"]["base"] == base["out_dir"]
     position = {j["id"]: i for i, j in enumerate(jobs)}
     assert all(position[d] < position[j["id"]] for j in jobs for d in j["depends_on"])  # dependencies first
     # At paper scale the elicit base differs (1 layer, no attention norm): same share id, separate run.
