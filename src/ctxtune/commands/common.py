@@ -75,12 +75,18 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
         return 2, str(exc)
     if isinstance(exc, OSError):
         return 2, os_error_message(exc)
-    if isinstance(exc, MemoryError):
-        return 2, "out of memory: the command needs more memory than this machine has"
+    if isinstance(exc, MemoryError) or _is_allocation_failure(exc):
+        return 2, "out of memory: the command needs more memory than this machine has (lower the sizes or counts given)"
     if isinstance(exc, RecursionError):
         return 2, "input nested too deeply (RecursionError): check the files and values given"
     first = (str(exc).strip().splitlines() or [""])[0]
     return 2, f"{type(exc).__name__}: {first} (unexpected; run with --debug for the traceback)"
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
+    """torch's allocators raise RuntimeError (a subclass for CUDA) when memory runs out."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def report_error(exc: BaseException) -> int:
@@ -158,6 +164,26 @@ def check_output_path(path: Path, flag: str, kind: str) -> None:
         raise ConfigError(f"{flag} {path}: {ancestor} is not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: permission denied to write in {ancestor}")
+
+
+def check_out_apart(out: Path, flag: str, inputs: list[tuple[str, str | Path]]) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the command's inputs, before any work
+    (writing or `--overwrite` there would destroy or change the input).
+
+    Args:
+        out: the output folder.
+        flag: the option's name for messages, e.g. "--out".
+        inputs: (what, path) of every input folder or file, e.g. ("run folder", run).
+    """
+    mine = out.expanduser().resolve()
+    for what, path in inputs:
+        theirs = Path(path).expanduser().resolve()
+        if mine == theirs or mine in theirs.parents:
+            relation = "is" if mine == theirs else "contains"
+            raise ConfigError(f"{flag} {out} {relation} the {what} {path}: writing there would overwrite it; "
+                              "choose another folder")
+        if theirs in mine.parents:
+            raise ConfigError(f"{flag} {out} lies inside the {what} {path}: choose a folder outside it")
 
 
 def emit_json(obj: Any) -> None:

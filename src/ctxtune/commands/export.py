@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from ctxtune.commands.common import cli_errors, emit_json, fail
+from ctxtune.commands.common import check_out_apart, cli_errors, emit_json, fail
 from ctxtune.errors import CtxtuneError
 
 export_app = typer.Typer(
@@ -41,6 +41,10 @@ def export_model(run: Path, out: Path, overwrite: bool, check: bool) -> dict[str
     from ctxtune.train.runs import load_run_model, read_run
 
     record = read_run(run)
+    inputs: list[tuple[str, str | Path]] = [("run folder", run)]
+    if record.spec.kind == "tune":
+        inputs.append(("base of the run", record.base().source))
+    check_out_apart(out, "--out", inputs)
     model = load_run_model(run)
     notes: list[str] = []
     if record.saves != "model":
@@ -58,6 +62,7 @@ def export_adapter(
     from ctxtune.hf.export import export_peft
     from ctxtune.train.runs import load_run_method
 
+    check_out_apart(out, "--out", [("run folder", run)])
     method = load_run_method(run)
     notes: list[str] = []
     result = export_peft(
