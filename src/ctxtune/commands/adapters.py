@@ -59,7 +59,7 @@ def open_adapter(path: str | Path, base: str | None = None, index: int = 0,
     """The adapter at `path` (module docstring), attached to a copy of its base, in eval mode and `dtype`.
 
     Args:
-        base: the base model of a PEFT adapter (ignored for a run folder, which records its own base).
+        base: the base model of a PEFT adapter (a run folder records its own base: another one given is refused).
         index: which adapter of a run's bank.
 
     Raises:
@@ -73,7 +73,7 @@ def open_adapter(path: str | Path, base: str | None = None, index: int = 0,
     if is_peft_folder(path):
         return _open_peft(path, base, dtype)
     if is_run_folder(path):
-        return _open_run(path, index, dtype)
+        return _open_run(path, index, dtype, base)
     if not path.exists():
         raise ConfigError(f"--adapter {path} not found")
     raise ConfigError(f"--adapter {path} is neither a PEFT adapter folder (adapter_config.json) nor a ctxtune run "
@@ -105,7 +105,7 @@ def _open_peft(path: Path, base: str | None, dtype: torch.dtype) -> Adapter:
     return Adapter(method, str(path), "peft", ref.source, describe_peft(path))
 
 
-def _open_run(path: Path, index: int, dtype: torch.dtype) -> Adapter:
+def _open_run(path: Path, index: int, dtype: torch.dtype, given_base: str | None = None) -> Adapter:
     from ctxtune.tasks.user import register_run_tasks
     from ctxtune.train.runs import load_run_method, read_run
 
@@ -116,12 +116,23 @@ def _open_run(path: Path, index: int, dtype: torch.dtype) -> Adapter:
         raise ConfigError(f"--index {index} out of range: {path} has {n} adapter(s)")
     if record.spec.kind == "pretrain":
         raise ConfigError(f"{path} is a pretraining run: it holds a model, not an adapter (pass it as --model/--base)")
+    base = record.base().source
+    if given_base is not None and not _same_model(given_base, base):
+        raise ConfigError(f"{path} is a ctxtune run on its own base {base}; the base given with it ({given_base}) "
+                          "is another model: leave it out, or give the run's base")
     method = load_run_method(path, adapter=index if record.saves == "adapter" else None).to(dtype)
     method.model.to(dtype).eval()
     stream = record.spec.streams[index]
-    base = record.base().source
     return Adapter(method, str(path), "run", base, f"ctxtune {record.spec.method} run (adapter {index}, task "
                    f"{stream.task})", stream.task, record.spec.train.placeholders)
+
+
+def _same_model(given: str, recorded: str) -> bool:
+    """Whether a model named on the command line is the base a run recorded (paths compared resolved)."""
+    if given == recorded:
+        return True
+    mine, theirs = Path(given).expanduser(), Path(recorded).expanduser()
+    return mine.exists() and theirs.exists() and mine.resolve() == theirs.resolve()
 
 
 def file_task(path: str | Path, base_source: str) -> Any:
