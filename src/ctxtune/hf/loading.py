@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -95,6 +96,7 @@ def check_hf_folder(folder: Path, dtype: torch.dtype) -> None:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT64_MAX):
             raise CtxtuneError(f"{key} in {config_path} must be a positive integer, got {value!r}")
+    _check_finite_numbers(config, config_path, "")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise CtxtuneError(no_safetensors_message(folder))
@@ -107,6 +109,51 @@ def check_hf_folder(folder: Path, dtype: torch.dtype) -> None:
                 n_values += _product(shape) if isinstance(shape, list) else 0
     element = torch.empty((), dtype=dtype).element_size()
     check_memory(element * n_values, f"the model in {folder}", f"{n_values:.3g} weights")
+    n_config = _config_weights(config)  # transformers builds every weight the config describes, files or not
+    check_memory(element * n_config, f"the model {config_path} describes", f"at least {n_config:.3g} weights")
+
+
+def _check_finite_numbers(value: Any, path: Path, key: str) -> None:
+    """Refuse NaN or infinity anywhere in config.json (json reads NaN and Infinity), naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CtxtuneError(f"{key} in {path} must be a finite number, got {value}")
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in children:
+        _check_finite_numbers(v, path, f"{key}.{k}" if key else str(k))
+
+
+def _config_weights(config: dict[str, Any]) -> int:
+    """A lower bound on the weights config.json describes (embedding, and per layer the query and output
+    projections and two MLP matrices), 0 when its sizes are not given: transformers builds them all."""
+    def size(*keys: str) -> int:
+        return next((config[k] for k in keys if isinstance(config.get(k), int)), 0)
+
+    hidden, layers, vocab = size("hidden_size", "n_embd"), size("num_hidden_layers", "n_layer"), size("vocab_size")
+    inner = size("intermediate_size", "n_inner") or 4 * hidden
+    return vocab * hidden + layers * (2 * hidden * hidden + 2 * hidden * inner)
+
+
+def check_loaded_weights(model: Any, info: dict[str, Any], folder: Path) -> None:
+    """After `from_pretrained`: every weight came from the folder's files, with its shape, a floating dtype
+    and finite values (transformers would fill a missing or mis-shaped tensor with random values)."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        name, *shapes = mismatched[0]
+        found, wanted = (list(s) for s in shapes[:2]) if len(shapes) >= 2 else ("?", "?")
+        raise CtxtuneError(f"tensor {name!r} in {folder} has shape {found}, its config.json gives {wanted}")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CtxtuneError(f"{folder} lacks the weight(s) {missing[:3]}{more} that its config.json describes")
+    params = dict(model.named_parameters())
+    for path in sorted(folder.glob("*.safetensors")):
+        for name, entry in read_safetensors_header(path).items():
+            kind = entry.get("dtype", "") if isinstance(entry, dict) else ""
+            if name in params and not str(kind).startswith(("F", "BF")):
+                raise CtxtuneError(f"tensor {name!r} in {path} has dtype {kind}: model weights must be floating point")
+    for name, param in params.items():
+        if not bool(torch.isfinite(param).all()):
+            raise CtxtuneError(f"the weight {name!r} of the model in {folder} holds NaN or infinite values")
 
 
 def _product(shape: list[Any]) -> int:
@@ -144,7 +191,9 @@ def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    weights = {} if gguf_file is not None else {"use_safetensors": True}  # never a pickle
+    weights: dict[str, Any] = {}
+    if gguf_file is None:  # never a pickle; every tensor checked against the config afterwards
+        weights = {"use_safetensors": True, "output_loading_info": True, "ignore_mismatched_sizes": True}
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, attn_implementation="eager", **weights, **kwargs
@@ -152,6 +201,9 @@ def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad model folder for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CtxtuneError(f"cannot load a causal LM from {folder / (gguf_file or '')}: {first}") from e
+    if gguf_file is None:
+        model, info = model
+        check_loaded_weights(model, info, folder)
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception:  # noqa: BLE001 - a model folder without (usable) tokenizer files is still checkable
