@@ -41,6 +41,7 @@ resumes. Everything is validated (the base exists, every task fits the model) be
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,12 @@ def option_grid(method: str, options: Any) -> list[dict[str, Any]]:
             raise ConfigError(
                 f"grid.options.{method}.{key} must be a non-empty list of values to try, got {values!r}"
             )
+    for key, values in options.items():
+        shown = [json.dumps(v, sort_keys=True, default=str) for v in values]
+        repeated = sorted({v for v in shown if shown.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"grid.options.{method}.{key} lists {repeated[0]} twice: each value would run the "
+                              "same configuration again")
     keys = sorted(options)
     combos = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(options[k] for k in keys))]
     for combo in combos:
@@ -134,11 +141,16 @@ def expand(spec: dict[str, Any], out_dir: str | Path, name: str = "sweep") -> di
     seeds, methods, tasks = _list(grid, "seeds", int), _list(grid, "methods", str), _list(grid, "tasks", str)
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"grid.seeds must be distinct non-negative integers, got {seeds}")
+    for key, values in (("methods", methods), ("tasks", tasks)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"grid.{key} lists {repeated[0]!r} twice: give each once")
     for t in tasks:
         get_task(t)
     options = grid.get("options", {})
     if not isinstance(options, dict) or sorted(set(options) - set(methods)):
         raise ConfigError(f"grid.options must be a table of tables named after grid.methods {methods}")
+    _check_plan_size(seeds, methods, tasks, options, bool(pre))
     combos = {m: option_grid(m, options.get(m, {})) for m in methods}
     if bool(pre) == ("base" in tune):
         raise ConfigError("give exactly one of [pretrain] (with a task) or tune.base (an existing base)")
@@ -155,8 +167,7 @@ def expand(spec: dict[str, Any], out_dir: str | Path, name: str = "sweep") -> di
         base_ref = resolve_base(str(tune["base"]))
         model_cfg = base_ref.model_config
     for kind, res in resources.items():
-        if not isinstance(res, dict):
-            raise ConfigError(f"resources.{kind} must be a table")
+        check_resources(res, f"resources.{kind}")
     check_device("cpu")
 
     from ctxtune.methods import get_method_class
@@ -186,6 +197,11 @@ def expand(spec: dict[str, Any], out_dir: str | Path, name: str = "sweep") -> di
             adaptations.setdefault(label, {"method": method, "options": opts, "tasks": [], "extension": False})
             if task not in adaptations[label]["tasks"]:
                 adaptations[label]["tasks"].append(task)
+    ids = [job["id"] for job in jobs]
+    if len(set(ids)) != len(ids):
+        twice = next(job for job in jobs if ids.count(job["id"]) > 1)
+        raise ConfigError(f"the grid gives the run {twice.get('adaptation', 'base')} (seed {twice['seed']}) twice; "
+                          "give each method, task and option value once")
     report_study = {
         "title": f"Sweep {study}", "paper_ref": "", "summary": "", "notes": {}, "group": "sweep", "analyses": {},
         "paper": {}, "rows": (["base"] if pre else []) + rows, "claims": [],
@@ -193,6 +209,48 @@ def expand(spec: dict[str, Any], out_dir: str | Path, name: str = "sweep") -> di
         "adaptations": adaptations,
     }
     return {"name": study, "jobs": jobs, "study": report_study}
+
+
+def _check_plan_size(seeds: list[int], methods: list[str], tasks: list[str], options: dict[str, Any],
+                     pretrain: bool) -> None:
+    """Refuse a grid of more than MAX_PLAN_RUNS runs, counted before any combination is built."""
+    from ctxtune.limits import MAX_PLAN_RUNS
+
+    per_seed = 0
+    for m in methods:
+        lists = options.get(m, {})
+        combos = 1
+        for values in lists.values() if isinstance(lists, dict) else ():
+            combos *= len(values) if isinstance(values, list) else 1
+        per_seed += combos * len(tasks)
+    total = len(seeds) * (per_seed + int(pretrain))
+    if total > MAX_PLAN_RUNS:
+        raise ConfigError(f"the sweep expands to {total:,} runs (seeds x methods x tasks x option values); at most "
+                          f"{MAX_PLAN_RUNS:,} are planned: shorten grid lists")
+
+
+RESOURCE_NUMBERS = ("num_cpus", "num_gpus", "memory")
+
+
+def check_resources(res: Any, where: str) -> None:
+    """A [resources] entry: Ray task options with finite non-negative amounts (num_cpus, num_gpus, memory in
+    bytes, custom `resources`, `accelerator_type`)."""
+    import math
+
+    from ctxtune.experiments.executors import RESOURCE_KEYS
+
+    check_keys(res, set(RESOURCE_KEYS), where)
+    amounts = {k: res[k] for k in RESOURCE_NUMBERS if k in res}
+    custom = res.get("resources", {})
+    if not isinstance(custom, dict):
+        raise ConfigError(f"{where}.resources must be a table of resource amounts, got {custom!r}")
+    amounts |= {f"resources.{k}": v for k, v in custom.items()}
+    for key, value in amounts.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if not ok:
+            raise ConfigError(f"{where}.{key} must be a finite number >= 0, got {value!r}")
+    if "accelerator_type" in res and not isinstance(res["accelerator_type"], str):
+        raise ConfigError(f"{where}.accelerator_type must be a string, got {res['accelerator_type']!r}")
 
 
 def _job(kind: str, spec: Any, runs: Path, deps: list[str], resources: dict[str, Any],
@@ -206,6 +264,8 @@ def _job(kind: str, spec: Any, runs: Path, deps: list[str], resources: dict[str,
 def load_spec(path: str | Path) -> tuple[dict[str, Any], str]:
     """Parse a sweep spec TOML file; returns (spec, default name = file stem)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"sweep spec {path} is a directory, expected a TOML file")
     if not path.is_file():
         raise ConfigError(f"sweep spec not found: {path}")
     return load_toml(path), path.stem
