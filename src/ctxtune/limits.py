@@ -31,6 +31,15 @@ MAX_SEED = 10**12
 #: the paper's 3,200, hours per evaluation, and past the number of distinct test inputs of most tasks.
 MAX_EVAL_EXAMPLES = 10_000_000
 
+#: Seeds of `ctxtune reproduce --seeds`. The paper reports 3 to 5 seeds; every seed is a full set of runs of every
+#: study, so 1,000 seeds is thousands of runs and weeks of CPU time: a larger count is a typo.
+MAX_SEEDS = 1000
+
+#: Runs one sweep may plan. Each run is a folder and a row of the results store, and the plan is validated
+#: run by run before anything starts; 10,000 is 40 times the largest study (a grid that expands past it is
+#: a combinatorial accident, e.g. two long option lists multiplied).
+MAX_PLAN_RUNS = 10_000
+
 #: Examples per greedy-decoding batch in `ctxtune.train.evaluate.evaluate` (its default batch_size).
 EVAL_BATCH = 1600
 
@@ -58,6 +67,13 @@ def check_memory(need: int, what: str, detail: str = "", limit: int | None = Non
         raise ConfigError(
             f"{what} needs at least about {gib(need)}{extra}, more than this machine's {gib(limit)} of memory"
         )
+
+
+def check_threads(value: int, name: str) -> None:
+    """Refuse a torch thread count below 1 or above this machine's CPU count, naming the flag."""
+    cores = os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cores:
+        raise ConfigError(f"{name} must be an integer from 1 to this machine's {cores} CPU(s), got {value!r}")
 
 
 def check_int64(value: Any, name: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ctxtune.commands.common import cli_errors, emit_json
+from ctxtune.commands.common import check_output_path, cli_errors, emit_json
 from ctxtune.errors import ConfigError
 
 
@@ -47,6 +47,12 @@ def approx_cmd(
 
     if c <= 0 or fit_steps < 0:
         raise ConfigError(f"--c must be positive and --fit-steps non-negative, got {c} and {fit_steps}")
+    if out is not None:
+        check_output_path(out, "--out", "file")
+    if plot is not None:
+        check_output_path(plot, "--plot", "file")
+        if plot.suffix.lower() != ".png":
+            raise ConfigError(f"--plot must name a .png file, got {plot}")
     names = [t.strip() for t in targets.split(",") if t.strip()]
     result = approximation_study(names, _ints(p), mode, c, fit_steps=fit_steps)
     if out is not None:

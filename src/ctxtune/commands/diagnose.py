@@ -20,6 +20,7 @@ import typer
 
 from ctxtune.commands.common import cli_errors, emit_json
 from ctxtune.errors import ConfigError
+from ctxtune.limits import MAX_EVAL_EXAMPLES
 
 ATTENTION_ROLES = ("q", "k", "v", "o")
 NO_QK_FALLBACK = ("o", "mlp_in", "mlp_out")
@@ -127,6 +128,10 @@ def _check_numbers(args: dict[str, Any], plot: Path | None) -> None:
     if min(sizes) < 1 or args["seed"] < 0:
         raise ConfigError("--steps, --rank, --batch-size, --examples and --eval-examples must be positive and --seed "
                           "non-negative")
+    for key in ("examples", "eval_examples"):
+        if args[key] > MAX_EVAL_EXAMPLES:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at most {MAX_EVAL_EXAMPLES:,} (hours of decoding), "
+                              f"got {args[key]:,}")
     if plot is not None and plot.suffix.lower() != ".png":
         raise ConfigError(f"--plot must name a .png file, got {plot}")
 

@@ -8,6 +8,7 @@ import typer
 
 from ctxtune.commands.common import cli_errors, emit_json
 from ctxtune.errors import ConfigError
+from ctxtune.limits import MAX_EVAL_EXAMPLES, MAX_SEEDS, check_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -48,16 +49,18 @@ def reproduce_cmd(
     """
     from ctxtune.experiments.reproduce import reproduce
 
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be from 1 to {MAX_SEEDS:,} (each seed runs every study again), got {seeds:,}")
+    if eval_examples is not None and not 1 <= eval_examples <= MAX_EVAL_EXAMPLES:
+        raise ConfigError(f"--eval-examples must be from 1 to {MAX_EVAL_EXAMPLES:,}, got {eval_examples:,}")
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if executor not in ("local", "process", "ray"):
         raise ConfigError(f"unknown executor {executor!r}; choose local, process or ray")
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if threads is not None:
+        check_threads(threads, "--threads")
     override = {"steps": steps} if steps is not None else None
     summary = reproduce(scale=scale, seeds=seeds, only=only or None, out=out, executor=executor, workers=workers,
                         device=device, step_factor=max_steps_factor, train_override=override,

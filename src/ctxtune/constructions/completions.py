@@ -204,6 +204,11 @@ def count_completions(
         raise CtxtuneError(f"--samples must be in [1, {d_vocab}] (the vocabulary size), got {samples}")
     if length < 1 or batch_size < 1:
         raise CtxtuneError(f"--length and --batch-size must be at least 1, got {length} and {batch_size}")
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and 1 + length > positions:
+        raise CtxtuneError(f"--length {length} does not fit the model: a continuation takes 1 + {length} positions, "
+                           f"the model has {positions}")
     header = {"model": model_name, "n": n, "length": length, "seed": seed, "batch_size": batch_size}
     done = _read_done(out, header) if out is not None and out.exists() else {}
     if out is not None:

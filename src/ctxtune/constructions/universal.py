@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from ctxtune.errors import ConfigError
+from ctxtune.limits import MAX_STEPS, check_memory
 from ctxtune.model import GPT, LayerPrefix, ModelConfig
 
 D = 4  # [u1, u2, flag, value]
@@ -172,8 +173,11 @@ def fit_prefix(
     return best
 
 
+ERROR_GRID = 4096  # angles on which `errors` measures a prefix
+
+
 def errors(
-    model: GPT, prefix: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor], n_grid: int = 4096
+    model: GPT, prefix: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor], n_grid: int = ERROR_GRID
 ) -> tuple[float, float]:
     """(sup, L2) error on a uniform grid of the circle (offset by half a step, so no grid point sits on a
     jump of the step target); L2 is the root mean square, i.e. the normalised L2 norm."""
@@ -208,6 +212,12 @@ def approximation_study(
         raise ConfigError(f"mode must be 'kernel' or 'fit', got {mode!r}")
     if not ps or any(p < 1 for p in ps):
         raise ConfigError(f"prefix lengths must be positive integers, got {list(ps)}")
+    if not targets:
+        raise ConfigError(f"no target given; choose from {', '.join(TARGETS)}")
+    if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or not 0 <= fit_steps <= MAX_STEPS:
+        raise ConfigError(f"fit steps must be an integer in [0, {MAX_STEPS:,}], got {fit_steps!r}")
+    # the error grid's attention scores, weights and products: [n_grid, P + 1] float64 a few times over
+    check_memory(4 * 8 * ERROR_GRID * (max(ps) + 1), f"a prefix of P={max(ps)}", f"{ERROR_GRID} angles x P keys")
     model = fixed_head()
     out: dict[str, Any] = {
         "kind": "universal",

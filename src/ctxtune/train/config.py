@@ -75,6 +75,7 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "checkpoint_every", "placeholders", "seed"):
             _check_int(name, getattr(self, name), low=0)
         _check_at_most("steps", self.steps, MAX_STEPS, "(a larger count is almost certainly a typo)")
+        _check_at_most("warmup", self.warmup, MAX_STEPS, "(warm-up steps, bounded like steps)")
         _check_at_most("seed", self.seed, MAX_SEED, "(derived torch seeds must stay within 64 bits)")
         _check_at_most("eval_examples", self.eval_examples, MAX_EVAL_EXAMPLES, "(hours of decoding per evaluation)")
 
