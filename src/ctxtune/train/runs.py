@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ctxtune import __version__
+from ctxtune.configs import check_keys
 from ctxtune.errors import CheckpointError, ConfigError
 from ctxtune.io import atomic_write_json, load_json, load_tensors, save_tensors
 from ctxtune.model import GPT, ModelConfig
@@ -104,9 +105,14 @@ def read_run(run_dir: str | Path) -> RunRecord:
         if not isinstance(model, dict):
             raise ConfigError("model must be a table")
         model_cfg = model if model.get("hf") else ModelConfig.from_dict(model)  # a Hugging Face base: as recorded
+        check_keys(data, {"schema", "spec", "model", "base", "method", "ctxtune_version"}, where)
         base = data.get("base") or {}
-        if not isinstance(base, dict):
-            raise ConfigError("base must be a table")
+        check_keys(base, {"path", "relative"}, "base")
+        for key in ("path", "relative"):
+            value = base.get(key)
+            if value is not None and (not isinstance(value, str) or not value or "\x00" in value):
+                raise ConfigError(f"base.{key} must be a path (a non-empty string without NUL bytes), got "
+                                  f"{value!r:.80}")
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"invalid run config {where}: {exc}") from None
     return RunRecord(path, spec, model_cfg, base.get("path"), base.get("relative"))
