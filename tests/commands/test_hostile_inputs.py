@@ -158,6 +158,23 @@ def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
     return setup
 
 
+def hf_case(name: str, config: dict | str | None = None,
+            change: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Callable[[Path], None]:  # fmt: skip
+    """Setup: a Hugging Face folder `name` in the case folder with another config and/or changed weights."""
+
+    def setup(root: Path) -> None:
+        make_hf_folder(root / name, config=TINY_LLAMA if config is None else config, weights=b"x")
+        weights = llama_weights()
+        if change is not None:
+            change(weights)
+        save_file(weights, str(root / name / "model.safetensors"))
+
+    return setup
+
+
+SWEEP_OK = ('name = "s"\n[tune]\nbase = "base"\n[tune.train]\nsteps = 2\n[grid]\nseeds = [0]\n'
+            'methods = ["prefix"]\ntasks = ["descending"]\n')
+SWEEP = ["sweep", "s.toml", "--executor", "local", "--quiet", "--out", "sw"]
 RESUME_KILLED = [*PRETRAIN, "--out", "killed", "--resume"]
 CKPT = "killed/checkpoint.safetensors"
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
@@ -221,6 +238,25 @@ CASES = [
          r"training full .* of memory"),
     Case("1", "batch_size_huge", [*PRETRAIN, "--out", "new", "--batch-size", "100000000"],
          r"training full .* of memory"),
+    Case("1", "warmup_beyond_bound", [*PRETRAIN, "--out", "new", "--warmup", str(2**63 - 1)],
+         r"train\.warmup must be at most 10,000,000"),
+    Case("1", "approx_p_huge", ["approx", "--p", "1000000000000"], r"a prefix of P=1000000000000 needs at least about"),
+    Case("1", "approx_fit_steps_beyond_bound", ["approx", "--mode", "fit", "--fit-steps", "100000000000", "--p", "1"],
+         r"fit steps must be an integer in \[0, 10,000,000\]"),
+    Case("1", "diagnose_examples_beyond_bound", ["diagnose", "--base", "base", "--task", "descending", "--examples",
+         "1000000000"], r"--examples must be at most 10,000,000"),
+    Case("1", "completions_length_past_positions", ["completions", "--model", "hf_ok", "--length", "1000000000"],
+         r"--length 1000000000 does not fit the model: .* the model has 32"),
+    Case("1", "reproduce_seeds_beyond_bound", ["reproduce", "--seeds", "1000000000", "--out", "r"],
+         r"--seeds must be from 1 to 1,000"),
+    Case("1", "reproduce_eval_examples_zero", ["reproduce", "--eval-examples", "0", "--out", "r"],
+         r"--eval-examples must be from 1 to"),
+    Case("1", "reproduce_threads_beyond_cores", ["reproduce", "--threads", "100000", "--out", "r"],
+         r"--threads must be an integer from 1 to this machine's \d+ CPU"),
+    Case("1", "sweep_grid_too_large", SWEEP, r"the sweep expands to 100,000 runs .* at most 10,000",
+         setup=write("s.toml", SWEEP_OK.replace("seeds = [0]", f"seeds = {list(range(100_000))}"))),
+    Case("1", "sweep_resources_negative", SWEEP, r"resources\.tune\.num_cpus must be a finite number >= 0",
+         setup=write("s.toml", SWEEP_OK + "[resources]\ntune = { num_cpus = -1 }\n")),
     # 2: adapter tensors read back
     Case("2", "adapter_int64", ["eval", "--run", "tuned", "--task", "descending"],
          r"tensor 'hidden' in tuned/adapter\.safetensors has dtype int64, expected float32",
@@ -237,6 +273,17 @@ CASES = [
     Case("2", "model_weights_inf", ["eval", "--run", "base", "--task", "ascending"],
          r"base/model\.safetensors holds NaN or infinite",
          setup=edit_tensors("base/model.safetensors", set_all(value=float("inf")))),
+    # 2: an output never replaces or writes into an input; a flag is never silently ignored
+    Case("2", "export_out_is_the_run", ["export", "gpt2", "--run", "base", "--out", "base", "--overwrite",
+         "--no-check"], r"--out base is the run folder base: writing there would overwrite it"),
+    Case("2", "export_out_contains_the_run", ["export", "gpt2", "--run", "base", "--out", ".", "--overwrite",
+         "--no-check"], r"--out \. contains the run folder base"),
+    Case("2", "export_out_is_the_base_of_the_run", ["export", "gpt2", "--run", "tuned", "--out", "base",
+         "--overwrite", "--no-check"], r"--out base is the base of the run"),
+    Case("2", "export_peft_out_inside_the_run", ["export", "peft", "--run", "tuned", "--out", "tuned/peft",
+         "--no-check"], r"--out tuned/peft lies inside the run folder tuned"),
+    Case("2", "check_run_adapter_with_another_model", ["check", "attention", "--model", "hf_ok", "--adapter",
+         "tuned"], r"tuned is a ctxtune run on its own base .*; the base given with it \(hf_ok\) is another model"),
     # 3: run-folder integrity
     Case("3", "checkpoint_step_not_a_number", RESUME_KILLED, r"invalid checkpoint killed/checkpoint\.safetensors: "
          r"step 'abc'", setup=edit_tensors(CKPT, meta={"step": "abc"})),
@@ -263,6 +310,15 @@ CASES = [
     Case("3", "diverged_after_checkpoint", [*PRETRAIN, "--out", "new", "--lr", "1e30", "--weight-decay", "0",
          "--steps", "20", "--checkpoint-every", "1"], r"the last good checkpoint \(step \d+\) is new/checkpoint",
          code=1, changes_tree=True),
+    Case("3", "run_config_unknown_top_key", ["eval", "--run", "base", "--task", "ascending"],
+         r"invalid run config base/config\.json: unknown key\(s\) in base/config\.json: extra",
+         setup=edit_json("base/config.json", lambda c: c.update(extra=1))),
+    Case("3", "run_config_base_path_a_number", ["eval", "--run", "tuned", "--task", "descending"],
+         r"invalid run config tuned/config\.json: base\.path must be a path",
+         setup=edit_json("tuned/config.json", lambda c: c.update(base={"path": 5, "relative": 7}))),
+    Case("3", "run_config_base_path_nul", ["eval", "--run", "tuned", "--task", "descending"],
+         r"base\.path must be a path \(a non-empty string without NUL bytes\)",
+         setup=edit_json("tuned/config.json", lambda c: c.update(base={"path": "a\0b", "relative": None}))),
     # 4: one error boundary
     Case("4", "out_name_too_long", [*PRETRAIN, "--out", LONG], r"File name too long"),
     Case("4", "out_inside_a_file", [*PRETRAIN, "--out", "a_file/run"], r"Not a directory"),
@@ -286,6 +342,11 @@ CASES = [
     Case("4", "completions_out_is_a_folder", ["completions", "--out", "base"], r"--out base is a directory"),
     Case("4", "completions_out_not_results", ["completions", "--out", "a_file"], r"not a `ctxtune completions` res"),
     Case("4", "completions_out_inside_a_file", ["completions", "--out", "a_file/r.jsonl"], r"a_file is not a folder"),
+    Case("4", "approx_plot_is_a_folder", ["approx", "--p", "1", "--targets", "abs", "--plot", "base"],
+         r"--plot base is a directory"),
+    Case("4", "approx_targets_empty", ["approx", "--targets", ",", "--p", "1"], r"no target given"),
+    Case("4", "bench_only_unknown", ["bench", "--only", "nope", "--out", "b"], r"unknown benchmark\(s\) \['nope'\]"),
+    Case("4", "sweep_spec_is_a_directory", ["sweep", "base"], r"sweep spec base is a directory"),
     # 5: Hugging Face folders: safetensors only, checked before transformers sees them
     Case("5", "hf_pickle_only", ["check", "attention", "--model", "hf_pickle_only"],
          r"hf_pickle_only holds only pickled weights \(pytorch_model\.bin\).*save_pretrained"),
@@ -298,7 +359,27 @@ CASES = [
     Case("5", "hf_truncated_safetensors", ["check", "attention", "--model", "hf_truncated"],
          r"lies outside the file \(truncated\?\): hf_truncated/model\.safetensors"),
     Case("5", "hf_config_not_json", ["check", "attention", "--model", "hf_bad_json"], r"hf_bad_json/config\.json"),
+    Case("5", "hf_rope_theta_nan", ["check", "attention", "--model", "h"], r"rope_theta in h/config\.json must be "
+         r"a finite number, got nan", setup=hf_case("h", json.dumps(TINY_LLAMA)[:-1] + ', "rope_theta": NaN}')),
+    Case("5", "hf_layers_huge", ["check", "attention", "--model", "h"], r"the model h/config\.json describes needs "
+         r"at least about .* GiB", setup=hf_case("h", {**TINY_LLAMA, "num_hidden_layers": 10**9})),
+    Case("5", "hf_missing_weight", ["check", "attention", "--model", "h"],
+         r"h lacks the weight\(s\) \['model\.norm\.weight'\] that its config\.json describes",
+         setup=hf_case("h", change=lambda w: w.pop("model.norm.weight"))),
+    Case("5", "hf_weight_wrong_shape", ["check", "attention", "--model", "h"],
+         r"tensor 'model\.norm\.weight' in h has shape \[3\], its config\.json gives \[16\]",
+         setup=hf_case("h", change=lambda w: w.update({"model.norm.weight": torch.ones(3)}))),
+    Case("5", "hf_weights_int64", ["check", "attention", "--model", "h"], r"in h/model\.safetensors has dtype I64",
+         setup=hf_case("h", change=lambda w: w.update({k: v.long() for k, v in w.items()}))),
+    Case("5", "hf_weight_nan", ["check", "attention", "--model", "h"],
+         r"the weight 'model\.norm\.weight' of the model in h holds NaN",
+         setup=hf_case("h", change=lambda w: w.update({"model.norm.weight": torch.full((16,), float("nan"))}))),
     Case("5", "gguf_garbage", ["check", "attention", "--model", "garbage.gguf"], r"garbage\.gguf is not a GGUF file"),
+    # 6: specs validated before anything is written
+    Case("6", "sweep_method_twice", SWEEP, r"grid\.methods lists 'prefix' twice",
+         setup=write("s.toml", SWEEP_OK.replace('["prefix"]', '["prefix", "prefix"]'))),
+    Case("6", "sweep_option_value_twice", SWEEP, r"grid\.options\.prefix\.n_virtual lists 1 twice",
+         setup=write("s.toml", SWEEP_OK + "[grid.options.prefix]\nn_virtual = [1, 1]\n")),
 ]  # fmt: skip
 
 
@@ -374,6 +455,15 @@ def test_debug_flag_and_variable_show_the_traceback(template: Path, tmp_path: Pa
         res = cli_process.run(argv, root, env)
         assert res.code == 2 and "Traceback" in res.stderr, res.stderr
         assert res.lines[-1].startswith("error: --lr must be a finite number")
+
+
+def test_allocation_failure_is_one_clear_line() -> None:
+    """torch's allocator failing (a RuntimeError, not MemoryError) is reported as out of memory, exit 2."""
+    from ctxtune.commands.common import describe_error
+
+    err = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
+    code, message = describe_error(err)
+    assert code == 2 and message.startswith("out of memory: the command needs more memory than this machine has")
 
 
 def test_safetensors_loaded_and_pickle_beside_it_never_read(template: Path, cli_process: CliProcess) -> None:
