@@ -26,15 +26,10 @@ import typer
 
 from ctxtune.commands.common import cli_errors, emit_json
 from ctxtune.errors import CtxtuneError
-from ctxtune.theory.attention import (
-    CheckResult,
-    alpha_stats,
-    check_layers,
-    check_weights_control,
-    perturbed_copy,
-)
 from ctxtune.theory.capture import LayerAttention
-from ctxtune.theory.cross_layer import CrossLayerChange, cross_layer_changes
+from ctxtune.theory.cross_layer import CrossLayerChange
+from ctxtune.theory.identity import CHECK_KEYS, N_INPUTS, N_TOKENS, context_report, expected_moves, status
+from ctxtune.theory.identity import weight_report as theory_weight_report
 from ctxtune.train.runs import is_run_folder
 
 
@@ -48,7 +43,6 @@ def context_methods() -> tuple[str, ...]:
     return tuple(k for k in list_methods() if get_method_class(k).identity == "holds"
                  and "n_virtual" in {f.name for f in fields(get_method_class(k).config_cls)})
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-N_INPUTS, N_TOKENS = 2, 12
 
 check_app = typer.Typer(help="Executable checks of the paper's theory.", no_args_is_help=True)
 
@@ -92,62 +86,9 @@ def _trained_adapter(model: str | None, adapter: str | None, index: int, dtype: 
     return None
 
 
-def _random_tokens(model: Any, method: Any, seed: int) -> torch.Tensor:
-    """[N_INPUTS, up to N_TOKENS] random content tokens that fit the model with the method's added positions."""
-    extra = method.positions_added(method.config) if method is not None else 0
-    gen = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, model.cfg.d_vocab, (N_INPUTS, max(1, min(N_TOKENS, model.cfg.n_ctx - extra))),
-                         generator=gen)
-
-
-def context_report(method: Any, seed: int) -> dict[str, Any]:
-    """The identity checks, alpha statistics and cross-layer changes of a context method on its model."""
-    from ctxtune.theory.capture import capture_for, capture_method
-
-    model = method.model
-    tokens = _random_tokens(model, method, seed)
-    layers = capture_method(method, tokens)
-    base = capture_for(model)(model, tokens, position_ids=layers[0].position_ids)
-    results: list[CheckResult] = check_layers(layers)
-    for la, module in zip(layers, model.attention_modules(), strict=True):
-        results += check_weights_control(la, perturbed_copy(module, seed))
-    return {
-        "method": method.key, "identity": method.identity, "length": layers[0].n_virtual,
-        "checks": [{k: r.to_dict()[k] for k in CHECK_KEYS} for r in results],
-        "alpha": [vars(s) for la in layers for s in alpha_stats(la)],
-        "cross_layer": [c.to_dict() for c in cross_layer_changes(layers, base)],
-        "passed": all(r.ok for r in results),
-    }
-
-
-def expected_moves(method: Any) -> dict[str, bool]:
-    """Which weight-control checks a trained weight method must fail (its change must show): relative attention
-    when it adapts q or k; the head outputs when it adapts q, k or v (a method without `targets` adapts all)."""
-    targets = set(getattr(method.config, "targets", ("q", "k", "v", "o")))
-    return {"control_weights_attention": bool(targets & {"q", "k"}),
-            "control_weights_output": bool(targets & {"q", "k", "v"})}
-
-
 def weight_report(adapter: Any, dtype: torch.dtype, seed: int) -> dict[str, Any]:
     """The weight control of a trained weight method: base vs trained attention on the base's layer inputs."""
-    from ctxtune.theory.capture import capture_for
-
-    method = adapter.method
-    base = adapter.load_base(dtype)
-    tokens = _random_tokens(base, None, seed)
-    layers = capture_for(base)(base, tokens)
-    expected = expected_moves(method)
-    checks = []
-    with method.active(None):
-        for la, trained in zip(layers, method.model.attention_modules(), strict=True):
-            for r in check_weights_control(la, trained):
-                must_fail = expected[r.kind]
-                checks.append({**{k: r.to_dict()[k] for k in CHECK_KEYS}, "margin": r.margin,
-                               "expected_to_fail": must_fail, "ok": (not r.passed) or not must_fail})
-    margins = {kind: max(c["margin"] for c in checks if c["kind"] == kind) for kind in expected}
-    return {"method": method.key, "identity": method.identity, "length": 0, "checks": checks, "alpha": [],
-            "cross_layer": [], "weight_control": {"expected_to_move": expected, "max_margin": margins},
-            "passed": all(c["ok"] for c in checks)}
+    return theory_weight_report(adapter.method, adapter.load_base(dtype), seed)
 
 
 def run_checks(model: str | None, method: str | None, length: int, seed: int, dtype: str,
@@ -182,16 +123,6 @@ def run_checks(model: str | None, method: str | None, length: int, seed: int, dt
     where = {"model": trained.base if trained is not None else model, "adapter": trained.path if trained else None,
              "adapter_description": trained.description if trained else f"random, seed {seed}"}
     return {**where, "dtype": dtype, "status": status(report), **report}
-
-
-def status(report: dict[str, Any]) -> str:
-    """One phrase for the outcome; a weight method never reads as the identity passing."""
-    if report["identity"] == "none":
-        return "the identity does not apply" + ("" if report["passed"] else "; weight control unexpected")
-    return "all checks as expected" if report["passed"] else "some checks failed"
-
-
-CHECK_KEYS = ("layer", "head", "kind", "max_abs_err", "tol", "passed", "control")
 
 
 def _table(report: dict[str, Any]) -> Any:
@@ -328,4 +259,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(check_app, name="check")
 
 
-__all__ = ["CrossLayerChange", "LayerAttention", "register", "run_checks"]
+__all__ = ["CHECK_KEYS", "CrossLayerChange", "LayerAttention", "context_report", "expected_moves", "register",
+           "run_checks", "status", "weight_report"]

@@ -133,6 +133,10 @@ class Task(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
+    def token_labels(self, tokens: Sequence[int]) -> list[str]:
+        """Short readable labels of token ids, for plots of attention patterns (the ids themselves here)."""
+        return [str(int(t)) for t in tokens]
+
     # ----------------------------------------------------------------------------------- definition
     def reference(self, inputs: Sequence[int], index: int = 0) -> list[int]:
         """Pure-Python definition of the task.

@@ -142,6 +142,14 @@ class LMListTask(Task):
     def __repr__(self) -> str:
         return f"LMListTask(name={self.name!r}, source={self.source!r})"
 
+    def token_labels(self, tokens: Sequence[int]) -> list[str]:
+        """The word of each word token, "->" and "\\n" for the separator and newline, "<s>" for a leading special
+        token, the id for the rest (instruction tokens)."""
+        names = {**{int(i): "<s>" for i in self.lead},
+                 **{int(i): "->" for i in self.separator}, **{int(i): "\\n" for i in self.newline},
+                 **{int(i): w for i, w in zip(self.word_ids.tolist(), self.words, strict=True)}}
+        return [names.get(int(t), str(int(t))) for t in tokens]
+
     # ----- text ------------------------------------------------------------------------------------------
     def prompt_text(self, words: Sequence[str], shown: Sequence[str] = ()) -> str:
         """The prompt as text (without the tokenizer's leading special tokens): the same tokens, for reading."""

@@ -62,3 +62,52 @@ def cross_layer_changes(prefixed: list[LayerAttention], base: list[LayerAttentio
         mx = per_head.reshape(per_head.shape[0], -1).amax(1)
         out += [CrossLayerChange(la.layer, h, float(mx[h]), float(mean[h])) for h in range(mx.shape[0])]
     return out
+
+
+@dataclass(frozen=True)
+class ContentAttentionChange:
+    """How far an adapted run moved one head's attention over the content, against the base model's own run.
+
+    Attributes:
+        max_tv, mean_tv: max and mean over inputs and analysed query rows of the total-variation distance
+            0.5 * sum_r |renormalised A^adapted_ir - A^base_ir| (0: the same pattern; 1: disjoint).
+    """
+
+    layer: int
+    head: int
+    max_tv: float
+    mean_tv: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def content_attention(base: Any, method: Any, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(adapted, base) content attention per layer, each [batch, n_heads, pos, pos], of `method` (any method whose
+    virtual tokens, if any, come before the content: a prefix, a leading soft prompt, LoRA) on its model and of
+    the unadapted `base` on the same tokens and content position ids. The adapted rows are renormalised over the
+    content keys (the virtual tokens' mass removed); a weight method's run has no virtual tokens.
+
+    `base` may be the method's own model for a method that leaves the weights alone (run without the method).
+    """
+    from ctxtune.theory.capture import capture_for, capture_method
+
+    adapted = capture_method(method, tokens)
+    own = capture_for(base)(base, tokens, position_ids=adapted[0].position_ids)
+    return [renormalised_content(la) for la in adapted], [lb.pattern[..., lb.n_virtual :] for lb in own]
+
+
+def total_variation(adapted: torch.Tensor, base: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """[batch, n_heads, rows]: 0.5 * sum over keys of |adapted - base| for the query rows from `first_row` on."""
+    return 0.5 * (adapted - base)[:, :, first_row:].abs().sum(-1)
+
+
+def content_attention_changes(adapted: list[torch.Tensor], base: list[torch.Tensor],
+                              first_row: int = 0) -> list[ContentAttentionChange]:
+    """Per layer and head, the max and mean total variation of the content attention rows from `first_row` on."""
+    out = []
+    for layer, (a, b) in enumerate(zip(adapted, base, strict=True)):
+        tv = total_variation(a, b, first_row).transpose(0, 1).reshape(a.shape[1], -1)  # [n_heads, batch * rows]
+        out += [ContentAttentionChange(layer, h, float(tv[h].max()), float(tv[h].mean())) for h in range(tv.shape[0])]
+    return out
