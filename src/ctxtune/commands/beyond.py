@@ -26,6 +26,20 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _check_own_result(out: Path) -> None:
+    """An existing --out file is replaced only when it is an earlier `ctxtune approx` result."""
+    import json
+
+    if not out.exists():
+        return
+    try:
+        kind = json.loads(out.read_text()).get("kind")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        kind = None
+    if kind != "universal":
+        raise ConfigError(f"--out {out} exists and is not a `ctxtune approx` result; choose a new file")
+
+
 @cli_errors
 def approx_cmd(
     targets: str = typer.Option("sin3,poly,abs,step", help="Targets: sin3, poly, abs, step."),
@@ -49,6 +63,7 @@ def approx_cmd(
         raise ConfigError(f"--c must be positive and --fit-steps non-negative, got {c} and {fit_steps}")
     if out is not None:
         check_output_path(out, "--out", "file")
+        _check_own_result(out)
     if plot is not None:
         check_output_path(plot, "--plot", "file")
         if plot.suffix.lower() != ".png":

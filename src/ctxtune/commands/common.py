@@ -186,6 +186,18 @@ def check_out_apart(out: Path, flag: str, inputs: list[tuple[str, str | Path]]) 
             raise ConfigError(f"{flag} {out} lies inside the {what} {path}: choose a folder outside it")
 
 
+def check_not_in_run_folder(out: Path, flag: str) -> None:
+    """Refuse an output folder that is, or lies inside, a ctxtune run folder (its files belong to the run; an
+    export's --overwrite or a results folder would replace or mix into them)."""
+    from ctxtune.train.runs import is_run_folder
+
+    path = out.expanduser()
+    for candidate in [path, *path.resolve().parents]:
+        if is_run_folder(candidate):
+            where = "is" if candidate == path else f"lies inside {candidate},"
+            raise ConfigError(f"{flag} {out} {where} a ctxtune run folder: choose a folder outside run folders")
+
+
 def emit_json(obj: Any) -> None:
     """Exactly one JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")

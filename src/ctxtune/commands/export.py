@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from ctxtune.commands.common import check_out_apart, cli_errors, emit_json, fail
+from ctxtune.commands.common import check_not_in_run_folder, check_out_apart, cli_errors, emit_json, fail
 from ctxtune.errors import CtxtuneError
 
 export_app = typer.Typer(
@@ -45,6 +45,7 @@ def export_model(run: Path, out: Path, overwrite: bool, check: bool) -> dict[str
     if record.spec.kind == "tune":
         inputs.append(("base of the run", record.base().source))
     check_out_apart(out, "--out", inputs)
+    check_not_in_run_folder(out, "--out")
     model = load_run_model(run)
     notes: list[str] = []
     if record.saves != "model":
@@ -63,6 +64,7 @@ def export_adapter(
     from ctxtune.train.runs import load_run_method
 
     check_out_apart(out, "--out", [("run folder", run)])
+    check_not_in_run_folder(out, "--out")
     method = load_run_method(run)
     notes: list[str] = []
     result = export_peft(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ctxtune.commands.common import cli_errors, emit_json
+from ctxtune.commands.common import check_not_in_run_folder, cli_errors, emit_json
 from ctxtune.errors import ConfigError
 from ctxtune.limits import MAX_EVAL_EXAMPLES, MAX_SEEDS, check_threads
 
@@ -61,6 +61,8 @@ def reproduce_cmd(
         raise ConfigError(f"--steps must be at least 1, got {steps}")
     if threads is not None:
         check_threads(threads, "--threads")
+    if out is not None:
+        check_not_in_run_folder(out, "--out")
     override = {"steps": steps} if steps is not None else None
     summary = reproduce(scale=scale, seeds=seeds, only=only or None, out=out, executor=executor, workers=workers,
                         device=device, step_factor=max_steps_factor, train_override=override,

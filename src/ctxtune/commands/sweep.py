@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ctxtune.commands.common import cli_errors, emit_json
+from ctxtune.commands.common import check_not_in_run_folder, check_out_apart, cli_errors, emit_json
 from ctxtune.errors import ConfigError
 from ctxtune.experiments.executors import EXECUTORS, get_executor
 
@@ -59,6 +59,10 @@ def sweep_cmd(
     out_dir = out if out is not None else Path("sweeps") / safe_name(data.get("name", name), "the sweep name")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a folder")
+    check_not_in_run_folder(out_dir, "--out")
+    base = data.get("tune", {}).get("base") if isinstance(data.get("tune"), dict) else None
+    if isinstance(base, str) and base:
+        check_out_apart(out_dir, "--out", [("base (tune.base)", base)])
     plan = expand(data, out_dir, name)
     if executor == "process" and workers is None:
         from ctxtune.experiments.plan import usable_cores
