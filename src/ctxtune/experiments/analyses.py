@@ -13,6 +13,17 @@ one analysis job per seed that depends on the runs it reads. Kinds:
                     them, whose best accuracy says whether our prefix succeeded, optional), success_accuracy
                     (0.5), held_out (false: a calibration case the thresholds were set on; true: a case added
                     after, with the thresholds fixed).
+    identity        the Section 4 identity checks of `ctxtune check attention --adapter` (ctxtune.theory.identity)
+                    on each trained adapter: context methods must pass (worst error and tolerance per kind of
+                    check); a weight method gets "the identity does not apply" and the weight-control margins.
+                    Options: dtype ("float64"), inputs (2), tokens (12): random content tokens.
+    attention_change
+                    per layer and head, the total-variation distance between the adapted run's renormalised
+                    content attention and the base model's own (rows that predict output tokens, test
+                    examples of the task), and the most-changed head's two patterns on one example. A context
+                    method leaves layer 1 unchanged (paper.md §4; deeper layers move through their inputs), a
+                    LoRA on q or k moves it directly. Options: examples (8), data_seed (123), dtype ("float32"),
+                    plot (the adaptations whose most-changed head the report draws; all when absent).
 
 An analysis job: {"id", "kind": "analysis", "analysis": {"kind", "name", "study", "seed", "options"},
 "inputs": [{"adaptation", "out_dir"}], "out_dir", "depends_on"}. Its result (and analysis.json) is
@@ -61,9 +72,16 @@ def check_analysis(kind: str, adaptations: list[Any], options: dict[str, Any], w
             raise ConfigError(f"{where}: expected must be 'success' or 'failure'")
         if not isinstance(options.get("held_out", False), bool):
             raise ConfigError(f"{where}: held_out must be true or false")
+    plot = options.get("plot")
+    if plot is not None and (not isinstance(plot, list) or not set(plot) <= {a.name for a in adaptations}):
+        raise ConfigError(f"{where}: plot must list some of the analysis' adaptations, got {plot!r}")
+    if options.get("dtype", "float32") not in DTYPES:
+        raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {options['dtype']!r}")
     bad = [a.name for a in adaptations if get_method_class(a.method).identity not in spec.identities]
     if bad and kind != "diagnose":
-        raise ConfigError(f"{where}: {kind} reads context methods only (virtual tokens or prefixes); not {bad}")
+        what = ("context methods (virtual tokens or prefixes)" if "none" not in spec.identities else
+                "context methods with the full identity and weight methods (not a suffix)")
+        raise ConfigError(f"{where}: {kind} reads {what} only; not {bad}")
 
 
 def run_analysis(job: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +238,133 @@ def diagnose_analysis(options: dict[str, Any], inputs: list[dict[str, Any]], see
     return out
 
 
+# ----- identity ---------------------------------------------------------------------------------------------
+DTYPES = ("float32", "float64")
+
+
+class _Bases:
+    """Unadapted base models of run folders, loaded once per base source and dtype (never adapted)."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype, self.models = dtype, {}
+
+    def get(self, run_dir: str | Path) -> Any:
+        import torch
+
+        from ctxtune.train.runs import load_run_model, read_run
+
+        source = read_run(run_dir).base().source
+        if source not in self.models:
+            self.models[source] = load_run_model(run_dir).to(getattr(torch, self.dtype)).eval()
+        return self.models[source]
+
+
+def _trained(run_dir: str | Path, seed: int, dtype: str) -> tuple[Any, dict[str, Any]]:
+    """(the run's adapter of `seed` on its own copy of the base, in `dtype` and eval mode; its stream)."""
+    import torch
+
+    from ctxtune.train.runs import load_run_method
+
+    k, stream = adapter_of_seed(run_dir, seed)
+    method = load_run_method(run_dir, adapter=k).to(getattr(torch, dtype))
+    method.model.to(getattr(torch, dtype)).eval()
+    return method, stream
+
+
+def identity_analysis(options: dict[str, Any], inputs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The Section 4 identity checks of `ctxtune check attention --adapter` on each trained adapter (of `seed`):
+    a context method must pass them (worst error against its tolerance per kind of check); a weight method gets
+    "the identity does not apply" and the weight control (how far its trained attention moved, as a margin over
+    the tolerance a prefix passes at). Random content tokens (`inputs` x `tokens`), seeded by the run seed."""
+    import torch
+
+    from ctxtune.theory.identity import context_report, summarise, weight_report
+
+    if options["dtype"] not in DTYPES:
+        raise ConfigError(f"identity analysis: dtype must be one of {DTYPES}, got {options['dtype']!r}")
+    n_inputs, n_tokens = int(options["inputs"]), int(options["tokens"])
+    bases = _Bases(options["dtype"])
+    rows = []
+    for inp in inputs:
+        start = time.perf_counter()
+        method, stream = _trained(inp["out_dir"], seed, options["dtype"])
+        with torch.no_grad():
+            if method.identity == "none":
+                report = weight_report(method, bases.get(inp["out_dir"]), seed, n_inputs, n_tokens)
+            else:
+                report = context_report(method, seed, n_inputs, n_tokens)
+        rows.append({"adaptation": inp["adaptation"], "task": stream["task"], **summarise(report),
+                     "seconds": round(time.perf_counter() - start, 3)})
+        del method
+    return {"dtype": options["dtype"], "inputs": n_inputs, "tokens": n_tokens, "adapters": rows,
+            "passed": all(r["passed"] for r in rows)}
+
+
+# ----- attention_change -------------------------------------------------------------------------------------
+def _rounded(values: Any, digits: int = 4) -> Any:
+    return [_rounded(v, digits) for v in values] if isinstance(values, list) else round(float(values), digits)
+
+
+def attention_change(base: Any, method: Any, task: Any, examples: int, data_seed: int) -> dict[str, Any]:
+    """Per layer and head, how far `method` moved the attention over the content against `base` (the unadapted
+    model) on `examples` test examples of `task`: the total-variation distance of the renormalised content
+    attention rows that predict output tokens (max and mean over examples and rows). Also the head that moved
+    most (largest mean) with its base and adapted pattern on the first example (rows: the query positions that
+    predict the output; columns: every content key up to the last query; `n_prompt`: the first output token's
+    column, the keys before it are the prompt's)."""
+    import torch
+
+    from ctxtune.theory.cross_layer import content_attention, total_variation
+
+    per_layer: list[list[torch.Tensor]] = []
+    example = None
+    for tokens, first_row in analysis_batches(task, examples, data_seed):
+        adapted, own = content_attention(base, method, tokens)
+        tvs = [total_variation(a, b, first_row).transpose(0, 1).reshape(a.shape[1], -1) for a, b in
+               zip(adapted, own, strict=True)]  # per layer [n_heads, batch * rows]
+        per_layer.append(tvs)
+        if example is None:
+            example = (tokens[0].tolist(), first_row, [a[0] for a in adapted], [b[0] for b in own])
+    tv = [torch.cat([batch[layer] for batch in per_layer], dim=1) for layer in range(len(per_layer[0]))]
+    max_tv = [t.amax(1).tolist() for t in tv]
+    mean_tv = [t.mean(1).tolist() for t in tv]
+    layer, head = max(((lay, h) for lay in range(len(tv)) for h in range(len(mean_tv[lay]))),
+                      key=lambda lh: mean_tv[lh[0]][lh[1]])
+    toks, first_row, adapted_ex, own_ex = example
+    pattern = {
+        "layer": layer, "head": head, "max_tv": round(max_tv[layer][head], 4),
+        "mean_tv": round(mean_tv[layer][head], 4),
+        "query_positions": list(range(first_row, len(toks))), "n_prompt": first_row + 1,
+        "query_labels": task.token_labels(toks[first_row:]), "key_labels": task.token_labels(toks),
+        "base": _rounded(own_ex[layer][head, first_row:].tolist()),
+        "adapted": _rounded(adapted_ex[layer][head, first_row:].tolist()),
+    }
+    first = max(range(len(mean_tv[0])), key=lambda h: max_tv[0][h])
+    return {"examples": examples, "max_tv": _rounded(max_tv), "mean_tv": _rounded(mean_tv),
+            "layer0": {"head": first, "max_tv": round(max_tv[0][first], 4)},
+            "per_layer_max": _rounded([max(m) for m in max_tv]), "top": pattern}
+
+
+def attention_change_analysis(options: dict[str, Any], inputs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """`attention_change` of each trained adapter (of `seed`) against its unadapted base (module docstring)."""
+    import torch
+
+    from ctxtune.tasks import get_task
+
+    bases = _Bases(options["dtype"])
+    rows = []
+    for inp in inputs:
+        start = time.perf_counter()
+        method, stream = _trained(inp["out_dir"], seed, options["dtype"])
+        with torch.no_grad():
+            change = attention_change(bases.get(inp["out_dir"]), method, get_task(stream["task"]),
+                                      int(options["examples"]), int(options["data_seed"]))
+        rows.append({"adaptation": inp["adaptation"], "task": stream["task"], "method": method.key,
+                     "identity": method.identity, **change, "seconds": round(time.perf_counter() - start, 3)})
+        del method
+    return {"dtype": options["dtype"], "adapters": rows}
+
+
 KINDS: dict[str, AnalysisKind] = {
     "decomposition": AnalysisKind(
         {"examples": 64, "data_seed": 123}, ("holds", "partial"), decomposition_analysis
@@ -227,5 +372,12 @@ KINDS: dict[str, AnalysisKind] = {
     "diagnose": AnalysisKind(
         {"examples": 256, "expected": None, "compare": None, "success_accuracy": 0.5, "held_out": False}, ("none",),
         diagnose_analysis,
+    ),
+    "identity": AnalysisKind(
+        {"dtype": "float64", "inputs": 2, "tokens": 12}, ("holds", "none"), identity_analysis
+    ),
+    "attention_change": AnalysisKind(
+        {"examples": 8, "data_seed": 123, "dtype": "float32", "plot": None}, ("holds", "none"),
+        attention_change_analysis,
     ),
 }
