@@ -14,7 +14,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ctxtune.report.sections import analysis_section, diagnose_agreement, universal_section
+from ctxtune.report.sections import (
+    analysis_section,
+    diagnose_agreement,
+    is_real_model,
+    real_model_figures,
+    real_model_section,
+    universal_section,
+)
 
 VERDICTS = {True: "holds", False: "does NOT hold", None: "not measured"}
 
@@ -120,11 +127,13 @@ def study_markdown(name: str, st: dict[str, Any], scale: str | None, plots: dict
     for kind, label in (("accuracy", "Accuracy"), ("curves", "Learning curves")):
         if f"{name}-{kind}" in plots:
             out += [f"![{label} for {name}]({plots[f'{name}-{kind}']})", ""]
+    if is_real_model(st):
+        out += real_model_section(name, st, plots)
     agreement = diagnose_agreement(st.get("analyses", {}))
     if agreement:
         out += ["### The diagnostic against trained prefixes", "", *agreement]
     for an_name, analysis in st.get("analyses", {}).items():
-        out += analysis_section(an_name, analysis)
+        out += analysis_section(an_name, analysis, plots.get(f"{name}-attention-{an_name}"))
     out += ["### Runs", "", "| run | status | method | trainable / adapter | steps | seconds |",
             "|---|---|---|---|---|---|"]
     for r in st["runs"]:
@@ -228,6 +237,7 @@ def make_plots(doc: dict[str, Any]) -> dict[str, bytes]:
             png = fn(st)
             if png:
                 plots[f"{name}-{kind}"] = png
+        plots.update({key: _png(fig) for key, fig in real_model_figures(name, st).items()})
     return plots
 
 

@@ -67,8 +67,8 @@ DIAGNOSE_TEXT = (
 )
 
 
-def analysis_section(name: str, analysis: dict[str, Any]) -> list[str]:
-    """Markdown lines for one analysis of a study (all seeds)."""
+def analysis_section(name: str, analysis: dict[str, Any], plot: str | None = None) -> list[str]:
+    """Markdown lines for one analysis of a study (all seeds); `plot`: the path of its figure, if it has one."""
     kind = analysis["kind"]
     lines = [f"#### Analysis `{name}` ({kind}; adaptations {', '.join(analysis['adaptations'])})", ""]
     if kind == "decomposition":
@@ -83,6 +83,12 @@ def analysis_section(name: str, analysis: dict[str, Any]) -> list[str]:
             lines.append("")
     elif kind == "diagnose":
         lines += [DIAGNOSE_TEXT, "", *diagnose_table(analysis["per_seed"]), ""]
+    elif kind == "identity":
+        lines += [IDENTITY_TEXT, "", *identity_table(analysis["per_seed"]), ""]
+    elif kind == "attention_change":
+        lines += [ATTENTION_TEXT, "", *attention_change_table(analysis["per_seed"]), ""]
+        if plot:
+            lines += [f"![Attention of the most-changed head, base and adapted]({plot})", ""]
     return lines
 
 
@@ -171,3 +177,235 @@ def universal_plot(result: dict[str, Any], path: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----- identity and attention_change (issue 17) ----------------------------------------------------------------
+IDENTITY_TEXT = (
+    "The Section 4 identity checks of `ctxtune check attention --adapter` on each trained adapter, on random "
+    "content tokens: for a context method, the worst head's error against its float tolerance (renormalised "
+    "content attention, output reconstruction, bias in the span of the prefix values; every head must pass) and "
+    "how far the negative controls fail (x tolerance; they must fail). A weight method (LoRA) changes the "
+    "attention itself: the identity does not apply, and the weight control says how far its trained attention "
+    "and head outputs moved on the base's own layer inputs, in multiples of the tolerance a prefix passes at."
+)
+
+
+def _fmt(x: float | None, spec: str = ".1e") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def identity_table(per_seed: list[dict[str, Any]]) -> list[str]:
+    lines = ["| seed | adaptation | method | outcome | attention err / tol | output err / tol | span err / tol | "
+             "controls fail by (x tol) | weight control: attention / outputs moved (x tol) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for entry in per_seed:
+        res = entry.get("result")
+        if not res:
+            failed = f"{entry.get('status')}: {entry.get('error')}"
+            lines.append(f"| {entry['seed']} | - | - | {failed} | - | - | - | - | - |")
+            continue
+        for row in res["adapters"]:
+            checks = row["checks"]
+            cells = [f"{_fmt(checks[k]['max_abs_err'])} / {_fmt(checks[k]['tol'])}" if k in checks else "-"
+                     for k in ("attention", "output", "span")]
+            controls = [c for c in checks.values() if c["control"] and c.get("n")]
+            if "weight_control" in row:
+                control = "-"
+                margin = row["weight_control"]["max_margin"]
+                weights = " / ".join(_fmt(margin.get(k)) for k in ("control_weights_attention",
+                                                                     "control_weights_output"))
+            else:
+                control = f"{_fmt(min(c['margin'] for c in controls))} or more" if controls else "-"
+                weights = "-"
+            outcome = ("**" + row["status"] + "**") if not row["passed"] else row["status"]
+            lines.append(f"| {entry['seed']} | {row['adaptation']} | {row['method']} | {outcome} | "
+                         f"{' | '.join(cells)} | {control} | {weights} |")
+    return lines
+
+
+ATTENTION_TEXT = (
+    "How far each trained adapter moved the attention over the content, against the base model's own run on "
+    "the same test examples: per layer and head, the total-variation distance between the adapted run's "
+    "content attention (renormalised over the content keys) and the base's, on the rows that predict output "
+    "tokens (0: the same pattern; 1: disjoint). In layer 1 both runs see the same layer input, so a context "
+    "method cannot move it (paper.md §4: TV at float level); from layer 2 on its inputs have changed and "
+    "patterns can move (cross-layer effects, §5). A LoRA on the query maps moves layer 1 directly."
+)
+
+
+def attention_change_table(per_seed: list[dict[str, Any]]) -> list[str]:
+    lines = ["| seed | adaptation | method | layer 1: max TV (head) | largest max TV (layer) | "
+             "most-changed head (mean TV) |", "|---|---|---|---|---|---|"]
+    for entry in per_seed:
+        res = entry.get("result")
+        if not res:
+            lines.append(f"| {entry['seed']} | - | - | {entry.get('status')}: {entry.get('error')} | - | - |")
+            continue
+        for row in res["adapters"]:
+            per_layer = row["per_layer_max"]
+            deepest = max(range(len(per_layer)), key=lambda i: per_layer[i])
+            top = row["top"]
+            lines.append(f"| {entry['seed']} | {row['adaptation']} | {row['method']} | "
+                         f"{_fmt(row['layer0']['max_tv'], '.2g')} ({row['layer0']['head'] + 1}) | "
+                         f"{per_layer[deepest]:.3f} ({deepest + 1}) | {top['layer'] + 1}.{top['head'] + 1} "
+                         f"({top['mean_tv']:.3f}) |")
+    return lines
+
+
+def attention_plot_rows(analysis: dict[str, Any]) -> tuple[int, list[dict[str, Any]]] | None:
+    """(seed, adapter rows) drawn in the attention plot: the first seed with a result, the adaptations of the
+    analysis' `plot` option (all when absent)."""
+    wanted = analysis.get("options", {}).get("plot")
+    for entry in analysis["per_seed"]:
+        res = entry.get("result")
+        if res:
+            rows = [r for r in res["adapters"] if not wanted or r["adaptation"] in wanted]
+            return (entry["seed"], rows) if rows else None
+    return None
+
+
+def attention_figure(analysis: dict[str, Any]) -> Any:
+    """Base (left) and adapted (right) attention of each drawn adapter's most-changed head on one example: rows
+    are the queries that predict the output, columns the content keys (a line after the prompt)."""
+    picked = attention_plot_rows(analysis)
+    if picked is None:
+        return None
+    seed, rows = picked
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 2.3 * len(rows) + 0.6), squeeze=False)
+    for i, row in enumerate(rows):
+        top = row["top"]
+        for j, (label, matrix) in enumerate((("base", top["base"]), ("adapted", top["adapted"]))):
+            ax = axes[i, j]
+            image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.axvline(top["n_prompt"] - 0.5, color="white", lw=1, ls="--")
+            ax.set_xticks(range(len(top["key_labels"])))
+            ax.set_xticklabels(top["key_labels"], rotation=60, fontsize=6)
+            ax.set_yticks(range(len(top["query_labels"])))
+            ax.set_yticklabels(top["query_labels"], fontsize=6)
+            ax.set_title(f"{row['adaptation']} ({row['method']}), layer {top['layer'] + 1} head {top['head'] + 1}: "
+                         f"{label}" + (f" (mean TV {top['mean_tv']:.2f})" if j else ""), fontsize=7)
+        fig.colorbar(image, ax=axes[i, 1], fraction=0.04)
+    fig.suptitle(f"Most-changed head per adapter, seed {seed}: query (rows) attention over the content keys "
+                 "(columns; dashed: end of prompt)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----- the "Real model" section: a study on a pretrained model as it is (a `source` base) ------------------
+BASE_METHODS = ("none", "pretrained")
+"""Rows that train nothing: the model as it is (method none) or a pretraining run."""
+
+
+def is_real_model(st: dict[str, Any]) -> bool:
+    """A study on an existing pretrained model: one of its bases has a `source` (nothing pretrained here)."""
+    return any(isinstance(b, dict) and "source" in b for b in st.get("config", {}).get("bases", {}).values())
+
+
+def _trained_task(row: str) -> str:
+    return row.split(".", 1)[1] if "." in row else row
+
+
+def trained_tasks(st: dict[str, Any]) -> list[str]:
+    """The tasks adapters trained on, in the order of the study's cells."""
+    tasks = [c["task"] for c in st["cells"] if c["method"] not in BASE_METHODS and c["task"] == _trained_task(c["row"])]
+    return list(dict.fromkeys(tasks))
+
+
+def real_model_accuracy(st: dict[str, Any]) -> list[str]:
+    """Per trained task: the base as it is in each context of the task, then every method, per seed."""
+    seeds = sorted({s for c in st["cells"] for s in c["seeds"]})
+    lines = ["| task | row | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|---|---|" + "---|" * (len(seeds) + 1)]
+    for task in trained_tasks(st):
+        rows = [c for c in st["cells"] if c["method"] in BASE_METHODS
+                and (c["task"] == task or c["task"].startswith(task + "_"))]
+        rows += [c for c in st["cells"] if c["method"] not in BASE_METHODS and c["task"] == task]
+        for c in rows:
+            by_seed = dict(zip(c["seeds"], c["values"], strict=False))
+            values = " | ".join("-" if s not in by_seed else f"{100 * by_seed[s]:.1f}%" for s in seeds)
+            what = f"as it is (`{c['row']}`) on `{c['task']}`" if c["method"] in BASE_METHODS else f"`{c['row']}`"
+            mean = "-" if c["mean"] is None else f"**{100 * c['mean']:.1f}%**"
+            lines.append(f"| {task} | {what} | {c['method']} | {values} | {mean} |")
+    return lines
+
+
+def curve_series(st: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per trained task, one series per adapter with evaluations during training: method, seed, steps, accuracy."""
+    methods = {c["row"]: c["method"] for c in st["cells"]}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for curve in st["curves"]:
+        for i, label in enumerate(curve["labels"]):
+            row, _, seed = label.rpartition(" seed ")
+            if not curve["eval_steps"] or methods.get(row) in BASE_METHODS:
+                continue
+            out.setdefault(_trained_task(row), []).append({
+                "row": row, "method": methods.get(row, row), "seed": seed, "steps": curve["eval_steps"],
+                "accuracy": [a[i] for a in curve["eval_accuracy"]],
+                "loss_steps": curve["steps"], "loss": [v[i] for v in curve["loss"]]})
+    return out
+
+
+def curves_figure(st: dict[str, Any], task: str, series: list[dict[str, Any]]) -> Any:
+    """Exact match during training (left) and training loss (right) on `task`: a colour per method, a line style
+    per seed; the base as it is on the bare task, dashed grey."""
+    plt = _pyplot()
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 3.6))
+    methods = list(dict.fromkeys(s["method"] for s in series))
+    seeds = sorted({s["seed"] for s in series})
+    styles = ["-", "--", ":", "-."]
+    for s in series:
+        colour = f"C{methods.index(s['method'])}"
+        style = styles[seeds.index(s["seed"]) % len(styles)]
+        acc.plot(s["steps"], [100 * a for a in s["accuracy"]], style, color=colour, marker=".",
+                 label=f"{s['method']} seed {s['seed']}")
+        if s["loss_steps"]:
+            loss.plot(s["loss_steps"], s["loss"], style, color=colour, lw=0.8, label=f"{s['method']} seed {s['seed']}")
+    base = [c for c in st["cells"] if c["method"] in BASE_METHODS and c["task"] == task and c["mean"] is not None]
+    if base:
+        acc.axhline(100 * base[0]["mean"], color="grey", ls="--", lw=1, label="as it is (bare)")
+    acc.set(xlabel="step", ylabel="exact match (%)", ylim=(-3, 103), title=f"{task}: accuracy during training")
+    loss.set(xlabel="step", ylabel="training loss", yscale="log", title=f"{task}: training loss")
+    acc.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def real_model_figures(name: str, st: dict[str, Any]) -> dict[str, Any]:
+    """Plot name -> matplotlib figure: the curves per trained task, and each attention_change analysis' patterns."""
+    figures: dict[str, Any] = {}
+    if is_real_model(st):
+        for task, series in curve_series(st).items():
+            figures[f"{name}-real-curves-{task}"] = curves_figure(st, task, series)
+    for an_name, analysis in st.get("analyses", {}).items():
+        if analysis.get("kind") == "attention_change":
+            fig = attention_figure(analysis)
+            if fig is not None:
+                figures[f"{name}-attention-{an_name}"] = fig
+    return figures
+
+
+REAL_MODEL_TEXT = (
+    "A pretrained model as it is (no pretraining here): its accuracy in every context of each task beside what "
+    "each method learned on the bare task, per seed (exact match on held-out lists), and the accuracy during "
+    "training. The identity checks, the attention change and the diagnostic's verdict follow as analyses."
+)
+
+
+def real_model_section(name: str, st: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    """Markdown of the "Real model" section: accuracies per method, task and seed beside the base, the curves."""
+    lines = ["### Real model", "", REAL_MODEL_TEXT, "", *real_model_accuracy(st), ""]
+    for task in trained_tasks(st):
+        key = f"{name}-real-curves-{task}"
+        if key in plots:
+            lines += [f"![Learning curves on {task}]({plots[key]})", ""]
+    return lines
