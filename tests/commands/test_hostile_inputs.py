@@ -230,6 +230,8 @@ CASES = [
          r"needs at least about .* GiB"),
     Case("1", "check_attention_captures_huge", ["check", "attention", "--model", "base", "--length", "10000000"],
          r"check attention --length 10000000 needs at least about .* GiB"),
+    Case("1", "eval_seed_beyond_bound", ["eval", "--run", "base", "--task", "ascending", "--seed", str(9 * 10**18)],
+         r"--seed must be from 0 to 1,000,000,000,000"),
     Case("1", "eval_examples_beyond_bound", ["eval", "--run", "base", "--task", "ascending", "--examples", "100000000"],
          r"--examples must be at most 10,000,000"),
     Case("1", "n_virtual_huge", [*TUNE, "--out", "new", "--n-virtual", "100000", "--eval-examples", "3200"],

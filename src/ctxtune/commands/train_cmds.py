@@ -14,7 +14,7 @@ import typer
 from ctxtune.commands.common import cli_errors, emit_json, given
 from ctxtune.configs import check_keys, load_toml, table
 from ctxtune.errors import ConfigError
-from ctxtune.limits import MAX_EVAL_EXAMPLES
+from ctxtune.limits import MAX_EVAL_EXAMPLES, MAX_SEED
 from ctxtune.methods import get_method_class
 from ctxtune.model import ModelConfig
 from ctxtune.tasks import get_task
@@ -249,8 +249,9 @@ def eval_cmd(
         raise ConfigError(f"--examples must be positive, got {examples}")
     if examples is not None and examples > MAX_EVAL_EXAMPLES:
         raise ConfigError(f"--examples must be at most {MAX_EVAL_EXAMPLES:,} (hours of decoding), got {examples:,}")
-    if seed < 0:
-        raise ConfigError(f"--seed must be non-negative, got {seed}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be from 0 to {MAX_SEED:,} (evaluation seeds derive from it within 64 bits), "
+                          f"got {seed:,}")
     if not task and task_file is None:
         raise ConfigError("no task given: pass --task (repeatable) or --task-file")
     method, base_source, placeholders = _eval_target(run, adapter, base, index)
