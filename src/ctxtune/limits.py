@@ -76,6 +76,12 @@ def check_threads(value: int, name: str) -> None:
         raise ConfigError(f"{name} must be an integer from 1 to this machine's {cores} CPU(s), got {value!r}")
 
 
+def check_seed(value: int, name: str = "--seed") -> None:
+    """Refuse a seed below 0 or above MAX_SEED (derived seeds must stay inside 64 bits), naming the flag."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be an integer from 0 to {MAX_SEED:,}, got {value!r}")
+
+
 def check_int64(value: Any, name: str) -> None:
     """Refuse an integer that does not fit in a signed 64-bit integer (torch's int64), naming it."""
     if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:

@@ -26,6 +26,7 @@ import typer
 
 from ctxtune.commands.common import cli_errors, emit_json
 from ctxtune.errors import CtxtuneError
+from ctxtune.limits import check_seed
 from ctxtune.theory.capture import LayerAttention
 from ctxtune.theory.cross_layer import CrossLayerChange
 from ctxtune.theory.identity import CHECK_KEYS, N_INPUTS, N_TOKENS, context_report, expected_moves, status
@@ -100,6 +101,7 @@ def run_checks(model: str | None, method: str | None, length: int, seed: int, dt
         raise CtxtuneError(f"--method must be one of {', '.join(context_methods())}, got {method!r}")
     if length < 1:
         raise CtxtuneError(f"--length must be at least 1, got {length}")
+    check_seed(seed)
     if dtype not in DTYPES:
         raise CtxtuneError(f"--dtype must be float32 or float64, got {dtype!r}")
     if index < 0:

@@ -12,6 +12,7 @@ import typer
 
 from ctxtune.commands.common import check_output_path, cli_errors, emit_json
 from ctxtune.errors import CtxtuneError
+from ctxtune.limits import check_seed
 
 app = typer.Typer(help="Section 3: one virtual token against one hard token.", no_args_is_help=True)
 
@@ -42,6 +43,8 @@ def run_construct(
     """
     from ctxtune.constructions import count_capacity, make_conditional, make_unconditional
     from ctxtune.constructions.capacity import check_construction_fits
+
+    check_seed(seed)
 
     check_construct_args(construction, vocab, length, samples, form, dtype)
     check_construction_fits(construction, form or "residual", vocab, length, DTYPES[dtype], samples)
@@ -110,6 +113,7 @@ def run_completions(
 
     if samples is not None and samples < 1:
         raise CtxtuneError(f"--samples must be at least 1, got {samples}")
+    check_seed(seed)
     if length < 1 or batch_size < 1:
         raise CtxtuneError(f"--length and --batch-size must be at least 1, got {length} and {batch_size}")
     if out is not None:
