@@ -483,7 +483,12 @@ def markdown(doc: dict[str, Any]) -> str:
             cols = list(r["rows"][0])
             lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for row in r["rows"]]
-        for key in ("train_gflops", "matmul_gflops", "ms_per_step", "wall_seconds", "source", "note"):
+        for key in ("large", "small"):  # bf16: per configuration
+            if isinstance(r.get(key), dict):
+                lines.append(f"- {key}: {json.dumps(r[key].get('ms_per_step'))} ms per step, "
+                             f"ratio {fmt(round(r[key].get('ratio', 0), 3))}")
+        for key in ("train_gflops", "matmul_gflops", "ms_per_step", "wall_seconds", "serial_seconds", "busy_seconds",
+                    "parallel_over_serial", "busy_over_quiet", "busy_goal_met", "studies_commit", "source", "note"):
             if r.get(key) not in (None, ""):
                 lines.append(f"- {key}: {fmt(r[key])}")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Slow: the whole quick scale end to end (about 15 minutes on 2 quiet CPU cores), and the HTML in Chromium."""
+"""Slow: the whole quick scale end to end (59 minutes on 2 CPU cores shared with another job when measured on
+2026-12-02, with a base per seed), and the HTML in Chromium."""
 
 from __future__ import annotations
 
@@ -13,20 +14,20 @@ from ctxtune.experiments.reproduce import reproduce
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(5400)
 def test_quick_scale_end_to_end(tmp_path: Path) -> None:
     summary = reproduce(scale="quick", seeds=3, out=tmp_path, quiet=True)
     assert summary["jobs"]["ok"] == summary["jobs"]["total"], summary["failed"]
-    assert summary["wall_seconds"] < 20 * 60
+    assert summary["wall_seconds"] < 75 * 60
     doc = json.loads((tmp_path / "results.json").read_text())
     claims = {f"{n}/{c['id']}": c for n, st in doc["studies"].items() for c in st["claims"]}
     # What the quick scale shows (see the report for the numbers of the claims it does not show).
     assert claims["cannot_learn_new_attention/prefix_fails_full_succeeds"]["holds"]
     assert claims["compose_vs_new/no_new_pattern"]["holds"]
-    assert claims["compose_vs_new/free_kv_composes"]["holds"]  # 65.0-77.6% per seed when measured (seeds 0-2)
+    assert claims["compose_vs_new/free_kv_composes"]["holds"]  # 97.5 / 96.6 / 90.6% when measured (seeds 0-2)
     for claim in claims.values():
         assert claim["holds"] is not None
-    assert all(c["n"] == 3 for st in doc["studies"].values() for c in st["cells"] if c["row"] != "mix")
+    assert all(c["n"] == 3 for st in doc["studies"].values() for c in st["cells"])  # every seed its own base too
 
 
 def _chromium() -> str | None:
