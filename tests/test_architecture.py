@@ -25,7 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "hf": {"errors", "configs", "io", "limits", "model", "methods", "theory"},
     "constructions": {"errors", "configs", "io", "limits", "model", "hf"},
     "train": {"__init__", "errors", "configs", "io", "limits", "model", "tasks", "methods", "hf"},
-    "experiments": {"errors", "claims", "configs", "limits", "io", "model", "tasks", "methods", "theory", "train", "report"},
+    "experiments": {"errors", "claims", "configs", "limits", "io", "model", "tasks", "methods", "theory", "train",
+                    "report"},
     "report": {"errors", "claims", "io"},
     "commands": None,  # the command line may use everything
     "cli": {"commands"},

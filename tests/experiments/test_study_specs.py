@@ -269,3 +269,22 @@ def test_reproduce_skips_a_study_without_the_scale(tmp_path: Path, monkeypatch: 
     with pytest.raises(ConfigError, match="has no scale 'quick'") as err:
         reproduce(scale="quick", seeds=1, only=["real_lm"], out=tmp_path / "only", executor="local", quiet=True)
     assert "\n" not in str(err.value)
+
+
+def test_a_rerun_that_finds_everything_stored_keeps_the_folders_wall_time(tmp_path: Path) -> None:
+    from ctxtune.experiments.executors import LocalExecutor
+    from ctxtune.experiments.pipeline import run_plan
+
+    jobs = expand([get_study("cannot_learn_new_attention")], "quick", 1, tmp_path, train_override={"steps": 2},
+                  eval_examples=8)
+    study = {"title": "t", "paper_ref": "", "summary": "", "bases": {}, "adaptations": {}, "rows": [], "paper": {},
+             "claims": []}
+    plan = {"kind": "reproduce", "scale": "quick", "seeds": [0], "studies": {"cannot_learn_new_attention": study},
+            "jobs": jobs}
+    first = run_plan(tmp_path, dict(plan), LocalExecutor(), quiet=True)
+    assert first["stored"] == 0 and first["wall_seconds"] > 0
+    again = run_plan(tmp_path, dict(plan), LocalExecutor(), quiet=True)
+    assert again["stored"] == len(jobs)
+    recorded = json.loads((tmp_path / "plan.json").read_text())["wall_seconds"]
+    assert recorded >= first["wall_seconds"]  # the folder's time, not the 0 s of a rerun that trained nothing
+    assert again["doc"]["wall_seconds"] == recorded

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ def run_plan(
     from ctxtune.report import build_report
 
     out.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_wall(out / "plan.json")
     plan = {"schema": PLAN_SCHEMA, **plan}
     atomic_write_json(out / "plan.json", plan)
     jobs = plan["jobs"] if jobs is None else jobs
@@ -55,10 +57,20 @@ def run_plan(
 
         executor.run(todo, worker=worker, on_event=handle, finished=finished)
     wall = round(time.perf_counter() - start, 1)
-    plan["wall_seconds"] = wall
+    plan["wall_seconds"] = round(earlier + wall, 1)  # every invocation that worked on this folder
     atomic_write_json(out / "plan.json", plan)
-    report = build_report(out, wall_seconds=wall)
+    report = build_report(out, wall_seconds=plan["wall_seconds"])
     return {**report, "wall_seconds": wall, "stored": len(finished)}
+
+
+def earlier_wall(path: Path) -> float:
+    """Wall seconds recorded by earlier invocations on this results folder (0 when none or unreadable), so a
+    rerun that finds its jobs finished does not report the folder as made in 0 s."""
+    try:
+        value = json.loads(path.read_text()).get("wall_seconds", 0.0)
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0.0
 
 
 def record_event(event: Event) -> None:
