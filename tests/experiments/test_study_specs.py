@@ -288,3 +288,27 @@ def test_a_rerun_that_finds_everything_stored_keeps_the_folders_wall_time(tmp_pa
     recorded = json.loads((tmp_path / "plan.json").read_text())["wall_seconds"]
     assert recorded >= first["wall_seconds"]  # the folder's time, not the 0 s of a rerun that trained nothing
     assert again["doc"]["wall_seconds"] == recorded
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("examples", -3, "options.examples must be an integer from 1 to 100,000"),
+    ("examples", 10**9, "options.examples must be an integer from 1 to 100,000"),
+    ("examples", 2.5, "options.examples must be an integer"),
+    ("data_seed", -1, "options.data_seed must be an integer from 0"),
+])
+def test_bad_analysis_counts_are_refused(key: str, value: object, needle: str) -> None:
+    data = _raw("suffix_vs_prefix")
+    data["analyses"]["decomposition_desc_1l"]["options"][key] = value
+    with pytest.raises(ConfigError, match=needle):
+        parse_study(data, "suffix_vs_prefix")
+
+
+def test_bad_real_lm_analysis_options_are_refused() -> None:
+    data = _raw("real_lm")
+    name = next(n for n, an in data["analyses"].items() if an["kind"] == "identity")
+    data["analyses"][name].setdefault("options", {})["tokens"] = 0
+    with pytest.raises(ConfigError, match="options.tokens must be an integer from 1"):
+        parse_study(data, "real_lm")
+    data["analyses"][name]["options"].update(tokens=12, dtype="float16")
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        parse_study(data, "real_lm")

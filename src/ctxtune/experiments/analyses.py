@@ -52,6 +52,26 @@ class AnalysisKind:
     fn: Callable[[dict[str, Any], list[dict[str, Any]], int], dict[str, Any]]
 
 
+COUNT_BOUNDS = {"examples": 100_000, "inputs": 1_000, "tokens": 4_096}
+"""Upper bounds of an analysis' counts: every example is held in memory with its captured attention."""
+
+
+def check_counts(options: dict[str, Any], where: str) -> None:
+    """Counts are integers from 1 to their bound; data_seed an integer in 0..MAX_SEED; success_accuracy in [0, 1]."""
+    from ctxtune.limits import MAX_SEED
+
+    for key, bound in COUNT_BOUNDS.items():
+        value = options.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+            raise ConfigError(f"{where}.options.{key} must be an integer from 1 to {bound:,}, got {value!r}")
+    seed = options.get("data_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{where}.options.data_seed must be an integer from 0 to {MAX_SEED:,}, got {seed!r}")
+    acc = options.get("success_accuracy", 0.5)
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
+        raise ConfigError(f"{where}.options.success_accuracy must be a number in [0, 1], got {acc!r}")
+
+
 def check_analysis(kind: str, adaptations: list[Any], options: dict[str, Any], where: str) -> None:
     """Validate an analysis entry of a study spec against its kind."""
     if kind not in KINDS:
@@ -72,6 +92,7 @@ def check_analysis(kind: str, adaptations: list[Any], options: dict[str, Any], w
             raise ConfigError(f"{where}: expected must be 'success' or 'failure'")
         if not isinstance(options.get("held_out", False), bool):
             raise ConfigError(f"{where}: held_out must be true or false")
+    check_counts(options, where)
     plot = options.get("plot")
     if plot is not None and (not isinstance(plot, list) or not set(plot) <= {a.name for a in adaptations}):
         raise ConfigError(f"{where}: plot must list some of the analysis' adaptations, got {plot!r}")
@@ -280,8 +301,6 @@ def identity_analysis(options: dict[str, Any], inputs: list[dict[str, Any]], see
 
     from ctxtune.theory.identity import context_report, summarise, weight_report
 
-    if options["dtype"] not in DTYPES:
-        raise ConfigError(f"identity analysis: dtype must be one of {DTYPES}, got {options['dtype']!r}")
     n_inputs, n_tokens = int(options["inputs"]), int(options["tokens"])
     bases = _Bases(options["dtype"])
     rows = []
