@@ -36,8 +36,9 @@ def study_plan(study: StudySpec, scale: str) -> dict[str, Any]:
         "title": study.title, "paper_ref": study.paper_ref, "summary": study.summary, "notes": study.notes,
         "group": study.group, "analyses": analyses,
         "paper": study.paper, "rows": study.rows(), "bases": bases, "adaptations": adaptations,
-        "claims": [{"id": c.id, "text": c.text, "checks": [{"cell": k.cell, "op": k.op, "value": k.value}
-                                                           for k in c.checks]} for c in study.claims],
+        "claims": [{"id": c.id, "text": c.text, "evidence": c.evidence,
+                    "checks": [{"cell": k.cell, "op": k.op, "value": k.value} for k in c.checks]}
+                   for c in study.claims],
     }
 
 

@@ -127,9 +127,13 @@ class Check:
 
 @dataclass(frozen=True)
 class Claim:
+    """A qualitative claim; `evidence` maps a scale to what was measured there (shown when the claim does
+    not hold at the scale being reported, so a verdict never stands without the numbers behind it)."""
+
     id: str
     text: str
     checks: tuple[Check, ...]
+    evidence: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,8 @@ def _claims(data: Any, where: str) -> tuple[Claim, ...]:
         raise ConfigError(f"{where}: claims must be an array of tables ([[claims]])")
     out = []
     for i, c in enumerate(data):
-        _check_keys(c, {"id", "text", "checks"}, f"{where} claims[{i}]", required={"id", "text", "checks"})
+        _check_keys(c, {"id", "text", "checks", "evidence"}, f"{where} claims[{i}]",
+                    required={"id", "text", "checks"})
         checks = []
         if not isinstance(c["checks"], list) or not c["checks"]:
             raise ConfigError(f"{where} claim {c['id']!r}: checks must be a non-empty list")
@@ -220,8 +225,14 @@ def _claims(data: Any, where: str) -> tuple[Claim, ...]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{where} claim {c['id']!r}: value must be a finite number, got {value!r}")
             checks.append(Check(str(ch["cell"]), ch["op"], float(value)))
-        out.append(Claim(str(c["id"]), str(c["text"]), tuple(checks)))
+        out.append(Claim(str(c["id"]), str(c["text"]), tuple(checks), _evidence(c.get("evidence", {}), where, c["id"])))
     return tuple(out)
+
+
+def _evidence(data: Any, where: str, claim_id: Any) -> dict[str, str]:
+    if not isinstance(data, dict) or any(k not in SCALES or not isinstance(v, str) for k, v in data.items()):
+        raise ConfigError(f"{where} claim {claim_id!r}: evidence must map a scale ({', '.join(SCALES)}) to a text")
+    return dict(data)
 
 
 def _typed(data: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:

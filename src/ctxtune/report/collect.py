@@ -180,19 +180,24 @@ def eval_curves(name: str, jobs: list[dict[str, Any]], curves: list[dict[str, An
     return out
 
 
-def first_step_meeting(check: dict[str, Any], cell: dict[str, Any], evals: dict[tuple, dict]) -> list[dict]:
-    """Per seed, the first evaluation step at which the adapter met the check's threshold on its own task
-    (time to accuracy), or step None when it never did during training; [] without evaluation curves."""
+def seed_curves(check: dict[str, Any], cell: dict[str, Any], evals: dict[tuple, dict]) -> list[dict]:
+    """Per seed, the check cell's accuracy at each evaluation during training ([] without curves)."""
     row, _, task = check["cell"].rpartition("/")
     out = []
     for seed in cell.get("seeds", []):
         ev = evals.get((row, seed))
-        if ev is None or ev["task"] != task:
-            continue
-        step = next((st for st, a in zip(ev["steps"], ev["accuracy"], strict=True)
-                     if holds(a, check["op"], check["value"])), None)
-        out.append({"seed": seed, "step": step, "of": ev["total"]})
+        if ev is not None and ev["task"] == task:
+            out.append({"seed": seed, "steps": ev["steps"], "accuracy": ev["accuracy"], "of": ev["total"]})
     return out
+
+
+def first_step_meeting(check: dict[str, Any], cell: dict[str, Any], evals: dict[tuple, dict]) -> list[dict]:
+    """Per seed, the first evaluation step at which the adapter met the check's threshold on its own task
+    (time to accuracy), or step None when it never did during training; [] without evaluation curves."""
+    return [{"seed": cv["seed"], "of": cv["of"],
+             "step": next((st for st, a in zip(cv["steps"], cv["accuracy"], strict=True)
+                           if holds(a, check["op"], check["value"])), None)}
+            for cv in seed_curves(check, cell, evals)]
 
 
 def study_claims(study: dict[str, Any], cells: list[dict[str, Any]],
@@ -209,12 +214,15 @@ def study_claims(study: dict[str, Any], cells: list[dict[str, Any]],
             ok = None if not per_seed else all(per_seed)
             verdicts.append(ok)
             checks.append({**ch, "observed_mean": c["mean"], "observed_std": c["std"], "per_seed": c["values"],
+                           "seeds": c.get("seeds", []),
                            "seeds_holding": sum(per_seed), "n": len(per_seed), "holds": ok,
                            "holds_on_mean": None if c["mean"] is None else holds(c["mean"], ch["op"], ch["value"]),
                            "paper": study["paper"].get(ch["cell"]),
-                           "first_step_meeting": first_step_meeting(ch, c, evals) if ch["op"] in (">=", ">") else []})
+                           "first_step_meeting": first_step_meeting(ch, c, evals) if ch["op"] in (">=", ">") else [],
+                           "curves": seed_curves(ch, c, evals)})
         verdict = None if any(v is None for v in verdicts) else all(verdicts)
-        claims.append({"id": claim["id"], "text": claim["text"], "holds": verdict, "checks": checks})
+        claims.append({"id": claim["id"], "text": claim["text"], "holds": verdict, "checks": checks,
+                       "evidence": claim.get("evidence", {})})
     return claims
 
 

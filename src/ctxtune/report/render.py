@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ctxtune.claims import holds
 from ctxtune.report.sections import (
     analysis_section,
     diagnose_agreement,
@@ -52,6 +53,37 @@ def claim_lines(claim: dict[str, Any]) -> list[str]:
             f"(per seed {seeds}; mean {pct(ch['observed_mean'])} ± {100 * (ch['observed_std'] or 0):.2f}{paper})"
             + time_to_threshold(ch.get("first_step_meeting") or [])
         )
+    return out
+
+
+def curve_trend(op: str, steps: list[int], accuracy: list[float]) -> str:
+    """How the last quarter of training moved the accuracy, toward the threshold's side or not."""
+    last = steps[-1]
+    start = next(i for i, st in enumerate(steps) if st >= 0.75 * last)
+    change = accuracy[-1] - accuracy[start]
+    toward = change if op in (">=", ">") else -change
+    word = "still moving toward the threshold" if toward > 0.02 else "flat or moving away"
+    return f"{100 * change:+.1f} points over steps {steps[start]:,}-{last:,}: {word}"
+
+
+def evidence_lines(claim: dict[str, Any], scale: str | None) -> list[str]:
+    """For a claim that does not hold: each failing seed's learning curve, and what other scales measured."""
+    out = []
+    for ch in claim["checks"]:
+        if ch["holds"] is not False:
+            continue
+        failing = {sd for sd, v in zip(ch.get("seeds") or [], ch["per_seed"], strict=False)
+                   if not holds(v, ch["op"], ch["value"])}
+        for cv in ch.get("curves") or []:
+            if cv["seed"] not in failing:
+                continue
+            acc = ", ".join(f"{100 * a:.0f}" for a in cv["accuracy"])
+            trend = curve_trend(ch["op"], cv["steps"], cv["accuracy"])
+            out.append(f"evidence, `{ch['cell']}` seed {cv['seed']} during training: {acc}% at steps "
+                       f"{cv['steps'][0]:,}..{cv['steps'][-1]:,} ({trend})")
+    for other, text in (claim.get("evidence") or {}).items():
+        if other != scale:
+            out.append(f"at {other} scale: {text}")
     return out
 
 
@@ -115,6 +147,8 @@ def study_markdown(name: str, st: dict[str, Any], scale: str | None, plots: dict
         for cl in st["claims"]:
             out.append(f"- **{VERDICTS[cl['holds']]}**: {cl['text']}")
             out += [f"  - {line}" for line in claim_lines(cl)]
+            if cl["holds"] is False:
+                out += [f"  - {line}" for line in evidence_lines(cl, scale)]
         out.append("")
     out += ["### Ours vs the paper" if st["claims"] or any(c["paper"] is not None for c in st["cells"])
             else "### Results", "",
