@@ -53,6 +53,9 @@ def _raw(name: str) -> dict:
         (lambda d: d["paper"].update({"nothing/ascending": 0.5}), "names no row"),
         (lambda d: d["claims"][0]["checks"][0].update(op="~"), "op must be one of"),
         (lambda d: d["adaptations"]["prefix"].update(stack_seeds=True), "stack_seeds needs a base shared"),
+        (lambda d: d["claims"][0].update(evidence={"huge": "x"}), "evidence must map a scale"),
+        (lambda d: d["claims"][0].update(evidence={"standard": 3}), "evidence must map a scale"),
+        (lambda d: d["claims"][0].update(evidence="held"), "evidence must map a scale"),
     ],
 )
 def test_bad_spec_is_one_line_config_error(mutate, needle: str) -> None:

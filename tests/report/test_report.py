@@ -122,6 +122,38 @@ def test_time_to_threshold_from_the_evaluation_curve(tmp_path: Path) -> None:
     assert "first met during training: step 200 (seed 0), never (seed 1)" in (tmp_path / "report.md").read_text()
 
 
+def test_a_claim_that_does_not_hold_shows_its_failing_seeds_curves_and_other_scales(tmp_path: Path) -> None:
+    """The report explains a failed claim: the curve of each seed that missed (not of those that met it), how
+    the last quarter moved, and what the spec says other scales measured (never the current scale's text)."""
+    make_fixture(tmp_path, lora_acc=0.81)  # final: seed 0 81% (meets 80%), seed 1 79% (misses)
+    (tmp_path / "runs" / "toy" / "prefix-s0" / "summary.json").write_text(
+        summary([("prefix.double_hist", 0, "double_hist", 0.0)]))
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan["studies"]["toy"]["claims"][0]["evidence"] = {"standard": "LoRA 85% on every seed", "quick": "not shown"}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "runs" / "toy" / "lora-s0-1" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 100, "eval_accuracy": [0.5, 0.2]}, {"step": 200, "eval_accuracy": [0.85, 0.7]},
+        {"step": 300, "eval_accuracy": [0.81, 0.79]}, {"step": 400, "eval_accuracy": [0.81, 0.79]})))
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "evidence, `lora.double_hist/double_hist` seed 1 during training: 20, 70, 79, 79% at steps 100..400" in md
+    assert "+0.0 points over steps 300-400: flat or moving away" in md
+    assert "seed 0 during training" not in md  # seed 0 met the threshold
+    assert "at standard scale: LoRA 85% on every seed" in md and "not shown" not in md
+
+
+def test_curve_trend_reads_the_direction_of_the_check() -> None:
+    from ctxtune.report.render import curve_trend
+
+    assert curve_trend(">=", [1, 2, 3, 4], [0.1, 0.2, 0.3, 0.5]) == \
+        "+20.0 points over steps 3-4: still moving toward the threshold"
+    assert curve_trend("<=", [1, 2, 3, 4], [0.1, 0.2, 0.3, 0.5]).endswith("flat or moving away")
+    assert curve_trend("<=", [10, 20], [0.5, 0.2]) == "-30.0 points over steps 10-20: still moving toward the threshold"
+    assert curve_trend(">=", [500, 1000, 1500, 2000], [0.9, 0.89, 0.9, 0.9]) == \
+        "+0.0 points over steps 1,500-2,000: flat or moving away"
+    assert curve_trend(">=", [4000], [0.1]) == "one evaluation only"
+
+
 def test_names_with_underscores_render_as_names(tmp_path: Path) -> None:
     make_fixture(tmp_path)
     build_report(tmp_path)

@@ -58,8 +58,10 @@ def claim_lines(claim: dict[str, Any]) -> list[str]:
 
 def curve_trend(op: str, steps: list[int], accuracy: list[float]) -> str:
     """How the last quarter of training moved the accuracy, toward the threshold's side or not."""
+    if len(steps) < 2:
+        return "one evaluation only"
     last = steps[-1]
-    start = next(i for i, st in enumerate(steps) if st >= 0.75 * last)
+    start = max([i for i, st in enumerate(steps[:-1]) if st <= 0.75 * last] or [0])
     change = accuracy[-1] - accuracy[start]
     toward = change if op in (">=", ">") else -change
     word = "still moving toward the threshold" if toward > 0.02 else "flat or moving away"
