@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
-from ctxtune.errors import ConfigError
+from ctxtune.errors import ConfigError, not_found
 from ctxtune.limits import check_finite, check_int64
 
 T = TypeVar("T")
@@ -99,7 +99,7 @@ def load_toml(path: Any) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory, expected a TOML file")
     if not path.is_file():
-        raise ConfigError(f"file not found: {path}")
+        raise ConfigError(not_found("config file", path))
     try:
         return tomllib.loads(path.read_text())
     except OSError as exc:

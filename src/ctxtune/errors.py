@@ -46,3 +46,14 @@ class RunAlreadyFinished(CtxtuneError):
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the message names the step. Exit code 1, not 2."""
+
+
+def not_found(what: str, path: Any) -> str:
+    """"{what} not found: {path}", or, for a symbolic link that resolves nowhere (a loop or a missing
+    target), a message that says so: the path is there, what it points to is not."""
+    from pathlib import Path
+
+    if Path(path).is_symlink():
+        return f"{what} {path} is a symbolic link that leads nowhere (a loop or a missing target)"
+    return f"{what} not found: {path}"
+

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctxtune.errors import CheckpointError, CtxtuneError, RunLocked
+from ctxtune.errors import CheckpointError, CtxtuneError, RunLocked, not_found
 
 if TYPE_CHECKING:  # torch and safetensors are imported where tensors are read or written: the report needs neither
     import torch
@@ -117,7 +117,7 @@ def _read_bytes(path: Path, what: str) -> bytes:
     if path.is_dir():
         raise CheckpointError(f"{what} is a directory, expected a file: {path}")
     if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
+        raise CheckpointError(not_found(what, path))
     try:
         return path.read_bytes()
     except OSError as exc:

@@ -150,6 +150,15 @@ def set_all(dtype: torch.dtype | None = None, value: float | None = None) -> Cal
     return change
 
 
+def symlink_loop(name: str) -> Callable[[Path], None]:
+    """Setup: `name` is a symbolic link to itself."""
+
+    def setup(root: Path) -> None:
+        (root / name).symlink_to(name)
+
+    return setup
+
+
 def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
     def setup(root: Path) -> None:
         for s in setups:
@@ -391,6 +400,18 @@ CASES = [
     Case("5", "hf_weight_nan", ["check", "attention", "--model", "h"],
          r"the weight 'model\.norm\.weight' of the model in h holds NaN",
          setup=hf_case("h", change=lambda w: w.update({"model.norm.weight": torch.full((16,), float("nan"))}))),
+    Case("5", "hf_heads_do_not_divide_hidden", ["check", "attention", "--model", "h"],
+         r"hidden size 16 in h/config\.json does not split over 3 attention heads",
+         setup=hf_case("h", config={**TINY_LLAMA, "num_attention_heads": 3, "num_key_value_heads": 1})),
+    Case("5", "hf_kv_heads_do_not_divide_heads", ["check", "attention", "--model", "h"],
+         r"4 attention heads in h/config\.json do not split over 3 key/value heads",
+         setup=hf_case("h", config={**TINY_LLAMA, "num_attention_heads": 4, "num_key_value_heads": 3})),
+    Case("5", "config_symlink_loop", [*PRETRAIN, "--out", "new", "--config", "loop.toml"],
+         r"config file loop\.toml is a symbolic link that leads nowhere", setup=symlink_loop("loop.toml")),
+    Case("5", "run_folder_symlink_loop", ["eval", "--run", "loop", "--task", "ascending"],
+         r"run folder loop is a symbolic link that leads nowhere", setup=symlink_loop("loop")),
+    Case("5", "adapter_symlink_loop", ["check", "attention", "--model", "hf_ok", "--adapter", "loop"],
+         r"--adapter loop is a symbolic link that leads nowhere", setup=symlink_loop("loop")),
     Case("5", "gguf_garbage", ["check", "attention", "--model", "garbage.gguf"], r"garbage\.gguf is not a GGUF file"),
     # 6: specs validated before anything is written
     Case("6", "sweep_method_twice", SWEEP, r"grid\.methods lists 'prefix' twice",

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ctxtune.errors import ConfigError
+from ctxtune.errors import ConfigError, not_found
 
 
 @dataclass
@@ -75,7 +75,7 @@ def open_adapter(path: str | Path, base: str | None = None, index: int = 0,
     if is_run_folder(path):
         return _open_run(path, index, dtype, base)
     if not path.exists():
-        raise ConfigError(f"--adapter {path} not found")
+        raise ConfigError(not_found("--adapter", path))
     raise ConfigError(f"--adapter {path} is neither a PEFT adapter folder (adapter_config.json) nor a ctxtune run "
                       "folder (config.json of a run)")
 

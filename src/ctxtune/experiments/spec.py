@@ -49,7 +49,7 @@ from typing import Any
 from ctxtune.claims import OPS, holds
 from ctxtune.configs import check_keys as _check_keys
 from ctxtune.configs import load_toml
-from ctxtune.errors import ConfigError
+from ctxtune.errors import ConfigError, not_found
 
 SCALES = ("quick", "standard", "paper")
 GROUPS = ("paper", "beyond")
@@ -359,7 +359,7 @@ def parse_study(data: dict[str, Any], where: str = "<spec>", stem: str | None = 
 def load_study(path: str | Path) -> StudySpec:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"study spec not found: {path}")
+        raise ConfigError(not_found("study spec", path))
     return parse_study(load_toml(path), str(path), stem=path.stem)
 
 

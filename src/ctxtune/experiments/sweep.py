@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ctxtune.configs import check_keys, load_toml, table
-from ctxtune.errors import ConfigError
+from ctxtune.errors import ConfigError, not_found
 
 TOP_KEYS = {"name", "model", "pretrain", "tune", "grid", "resources"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -267,7 +267,7 @@ def load_spec(path: str | Path) -> tuple[dict[str, Any], str]:
     if path.is_dir():
         raise ConfigError(f"sweep spec {path} is a directory, expected a TOML file")
     if not path.is_file():
-        raise ConfigError(f"sweep spec not found: {path}")
+        raise ConfigError(not_found("sweep spec", path))
     return load_toml(path), path.stem
 
 

@@ -97,6 +97,7 @@ def check_hf_folder(folder: Path, dtype: torch.dtype) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT64_MAX):
             raise CtxtuneError(f"{key} in {config_path} must be a positive integer, got {value!r}")
     _check_finite_numbers(config, config_path, "")
+    _check_head_split(config, config_path)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise CtxtuneError(no_safetensors_message(folder))
@@ -111,6 +112,20 @@ def check_hf_folder(folder: Path, dtype: torch.dtype) -> None:
     check_memory(element * n_values, f"the model in {folder}", f"{n_values:.3g} weights")
     n_config = _config_weights(config)  # transformers builds every weight the config describes, files or not
     check_memory(element * n_config, f"the model {config_path} describes", f"at least {n_config:.3g} weights")
+
+
+def _check_head_split(config: dict[str, Any], path: Path) -> None:
+    """Without an explicit head_dim, the hidden size must split evenly over the query heads, and the query
+    heads evenly over the key/value heads (grouped-query attention), or transformers fails obscurely."""
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    kv_heads = config.get("num_key_value_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and config.get("head_dim") is None and hidden % heads:
+        raise CtxtuneError(f"hidden size {hidden} in {path} does not split over {heads} attention heads "
+                           f"(give head_dim, or a head count that divides {hidden})")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise CtxtuneError(f"{heads} attention heads in {path} do not split over {kv_heads} key/value heads "
+                           "(num_attention_heads must be a multiple of num_key_value_heads)")
 
 
 def _check_finite_numbers(value: Any, path: Path, key: str) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ctxtune.errors import ConfigError
+from ctxtune.errors import ConfigError, not_found
 from ctxtune.tasks.base import Batch, Task, get_task, list_tasks, register_task
 from ctxtune.tasks.split import N_BUCKETS, TEST_BUCKET
 
@@ -120,7 +120,7 @@ def read_task_file(path: str | Path) -> list[TextExample]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"task file not found: {path}")
+        raise ConfigError(not_found("task file", path))
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ConfigError(f"task file {path} has {size} bytes; at most {MAX_FILE_BYTES} are read")

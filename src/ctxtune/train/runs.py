@@ -22,7 +22,7 @@ from typing import Any
 
 from ctxtune import __version__
 from ctxtune.configs import check_keys
-from ctxtune.errors import CheckpointError, ConfigError
+from ctxtune.errors import CheckpointError, ConfigError, not_found
 from ctxtune.io import atomic_write_json, load_json, load_tensors, save_tensors
 from ctxtune.model import GPT, ModelConfig
 from ctxtune.train.spec import SCHEMA, RunSpec
@@ -94,7 +94,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     """Read and validate a run folder's config.json."""
     path = Path(run_dir).expanduser()
     if not path.is_dir():
-        raise CheckpointError(f"run folder not found: {path}")
+        raise CheckpointError(not_found("run folder", path))
     data = load_json(path / CONFIG)
     where = str(path / CONFIG)
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
