@@ -21,6 +21,7 @@ from ctxtune.experiments.executors import (
     LocalExecutor,
     ProcessExecutor,
     RayExecutor,
+    chain_costs,
     check_graph,
     get_executor,
 )
@@ -143,6 +144,28 @@ def test_dependency_failure_cascades_and_others_go_on() -> None:
     assert out["c"].error == "dependency b failed"
     assert out["d"].status == "done" and out["d"].result == {"id": "d", "pid": os.getpid()}
     assert [e.kind for e in events if e.job["id"] == "d"] == ["start", "done"]
+
+
+def test_the_costliest_chain_of_work_starts_first() -> None:
+    """List scheduling by critical path: a cheap base whose dependent is long starts before a mid-sized job,
+    and the long dependent before the remaining jobs; with equal costs, list order decides."""
+    jobs = [
+        {"id": "small", "cost": 1},
+        {"id": "mid", "cost": 50},
+        {"id": "base", "cost": 10},
+        {"id": "long", "cost": 100, "depends_on": ["base"]},
+        {"id": "tie1", "cost": 1},
+    ]
+    assert chain_costs({j["id"]: j for j in jobs}) == {"small": 1, "mid": 50, "base": 110, "long": 100, "tie1": 1}
+    events: list[Event] = []
+    LocalExecutor().run(jobs, worker=f"{HERE}:flaky_worker", on_event=events.append)
+    assert [e.job["id"] for e in events if e.kind == "start"] == ["base", "long", "mid", "small", "tie1"]
+
+
+def test_chain_costs_fall_back_to_step_counts() -> None:
+    jobs = {"a": {"id": "a", "spec": {"train": {"steps": 300}}}, "b": {"id": "b", "depends_on": ["a"]},
+            "c": {"id": "c", "cost": float("nan")}, "d": {"id": "d", "spec": {"train": {"steps": 40}}}}
+    assert chain_costs(jobs) == {"a": 300.0, "b": 0.0, "c": 0.0, "d": 40.0}
 
 
 def test_graph_is_validated() -> None:

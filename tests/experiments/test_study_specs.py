@@ -101,9 +101,11 @@ def test_expand_shares_the_mix_base_and_orders_dependencies(tmp_path: Path) -> N
         assert tuned["spec"]["base"] == base["out_dir"]
     position = {j["id"]: i for i, j in enumerate(jobs)}
     assert all(position[d] < position[j["id"]] for j in jobs for d in j["depends_on"])  # dependencies first
-    # At paper scale the elicit base differs (1 layer, no attention norm): same share id, separate run.
+    # At paper scale every study pretrains its own mix base, as the authors did: elicit's has 1 layer and no
+    # attention norm, compose_vs_new's 10 leading placeholders and prefix_vs_lora's 12 (block size 31).
     paper = [j for j in expand(specs, "paper", 1, tmp_path) if j["id"].startswith("base/mix-")]
-    assert len(paper) == 2
+    assert sorted(sorted(j["rows"]) for j in paper) == [["compose_vs_new"], ["elicit"], ["prefix_vs_lora"]]
+    assert sorted(j["spec"]["train"]["placeholders"] for j in paper) == [0, 10, 12]
 
 
 def test_step_factor_scales_every_step_count() -> None:

@@ -7,6 +7,7 @@ A job is a JSON-serialisable dict (the contract with `ctxtune.experiments.jobs`)
      "out_dir": "runs/1a2b3c4d",     # the worker writes the run folder here
      "depends_on": ["pretrain-..."], # ids that must finish first
      "resources": {"num_cpus": 1, "num_gpus": 0.25},   # optional; honoured by Ray
+     "cost": 3.1e12,                 # optional estimate; the costliest chain of work starts first
      ...}                            # the configuration, read only by the worker
 
 A worker is a top-level function `fn(job) -> dict`, named by a dotted path "package.module:function" so
@@ -175,6 +176,33 @@ class Finished:
     seconds: float = 0.0
 
 
+def chain_costs(by_id: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per job, its estimated cost (`job["cost"]`, else its step count, else 0) plus the costliest chain of
+    jobs that wait for it: starting the largest first keeps the critical path short (list scheduling)."""
+    waiting_on: dict[str, list[str]] = {job_id: [] for job_id in by_id}
+    for job_id, job in by_id.items():
+        for dep in job.get("depends_on", []):
+            if dep in waiting_on:
+                waiting_on[dep].append(job_id)
+    rank: dict[str, float] = {}
+
+    def own(job: dict[str, Any]) -> float:
+        cost = job.get("cost")
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0:
+            return float(cost)
+        steps = job.get("spec", {}).get("train", {}).get("steps") if isinstance(job.get("spec"), dict) else None
+        return float(steps) if isinstance(steps, int) and steps > 0 else 0.0
+
+    def visit(job_id: str) -> float:  # the graph is acyclic (check_graph)
+        if job_id not in rank:
+            rank[job_id] = own(by_id[job_id]) + max((visit(d) for d in waiting_on[job_id]), default=0.0)
+        return rank[job_id]
+
+    for job_id in by_id:
+        visit(job_id)
+    return rank
+
+
 def check_graph(jobs: list[dict[str, Any]], finished: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
     """Validate ids and dependencies (unique ids, known dependencies, no cycle); returns id -> job."""
     by_id: dict[str, dict[str, Any]] = {}
@@ -252,7 +280,8 @@ class Executor(ABC):
         """Run every job once its dependencies succeeded.
 
         Args:
-            jobs: job dicts (see the module docstring); started in list order when ready.
+            jobs: job dicts (see the module docstring); when several are ready, the one heading the costliest
+                chain of work (`chain_costs`) starts first, ties in list order.
             worker: dotted path "module:function" of the worker.
             on_event: called on the driver for every start, retry, done and failure.
             finished: ids of jobs finished earlier (not in `jobs`) that others may depend on.
@@ -264,7 +293,8 @@ class Executor(ABC):
         emit = on_event or (lambda event: None)
         ok = set(finished)
         outcomes: dict[str, JobOutcome] = {}
-        waiting = list(by_id)
+        rank = chain_costs(by_id)
+        waiting = sorted(by_id, key=lambda job_id: -rank[job_id])  # longest chain first; ties in list order
         running: dict[str, int] = {}  # id -> attempt number
         if not waiting:
             return outcomes

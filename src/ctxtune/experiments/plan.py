@@ -12,7 +12,8 @@ check uses at most TRAINER_EVAL_CAP examples.
 
 A job is JSON (ctxtune.experiments.jobs): {"id", "kind": "train" | "analysis", "out_dir", "depends_on",
 ...}; training jobs carry "spec" (RunSpec.to_dict()) and report labels: "rows" (pretraining: study -> base
-name) or "study" and "adaptation".
+name) or "study" and "adaptation", and "cost" (estimated training FLOPs per thread, `run_cost`), by which
+the scheduler starts the longest chains first.
 """
 
 from __future__ import annotations
@@ -33,13 +34,27 @@ SMALL_STEP_FLOPS = 1e11
 on a CPU, several such runs side by side beat one run on several threads (measured: benchmarks/NOTES.md)."""
 
 
+def step_flops(model_cfg: Any, batch: int, positions: int, n_adapters: int) -> float:
+    """Floating-point operations of one training step, roughly (6 x parameters x tokens)."""
+    d, layers = model_cfg.d_model, model_cfg.n_layers
+    params = layers * 12 * d * d + 2 * model_cfg.d_vocab * d  # attention + MLP (4d) + embeddings, roughly
+    return float(6 * params * batch * n_adapters * positions)
+
+
 def threads_for(model_cfg: Any, batch: int, positions: int, n_adapters: int, cores: int) -> int:
     """Torch threads of a run, from its size only (so a serial and a parallel reproduce compute the same
     numbers): 1 for small models, else up to 4 of this machine's cores."""
-    d, layers = model_cfg.d_model, model_cfg.n_layers
-    params = layers * 12 * d * d + 2 * model_cfg.d_vocab * d  # attention + MLP (4d) + embeddings, roughly
-    flops = 6 * params * batch * n_adapters * positions
+    flops = step_flops(model_cfg, batch, positions, n_adapters)
     return 1 if flops < SMALL_STEP_FLOPS else max(1, min(4, cores))
+
+
+def run_cost(spec: Any, model_cfg: Any) -> float:
+    """A run's estimated cost (training FLOPs), per thread: the scheduler starts the longest chains first."""
+    from ctxtune.tasks import get_task
+
+    longest = max(get_task(s.task).n_input + get_task(s.task).n_output for s in spec.streams)
+    flops = step_flops(model_cfg, spec.train.batch_size, spec.train.placeholders + longest, len(spec.streams))
+    return flops * spec.train.steps / max(1, spec.threads or 1)
 
 
 def scaled_train(train: dict[str, Any], factor: float, override: dict[str, Any] | None) -> dict[str, Any]:
@@ -130,7 +145,8 @@ class Expansion:
                                  n_eval=n_eval, model=model_cfg)
                 self.bases[job_id] = {"id": job_id, "kind": "train", "spec": spec.to_dict(),
                                       "out_dir": str(self.out / "runs" / "bases" / f"{key}-s{seed}"),
-                                      "depends_on": [], "rows": {study.name: b.name}}
+                                      "depends_on": [], "rows": {study.name: b.name},
+                                      "cost": run_cost(spec, model_cfg)}
             for sd in range(self.seeds):
                 if not b.per_seed or sd == seed:
                     ids[sd] = job_id
@@ -162,7 +178,8 @@ class Expansion:
             job_id = f"{study.name}/{a.name}/{tag}"
             self.others.append({"id": job_id, "kind": "train", "spec": spec.to_dict(),
                                 "out_dir": str(self.out / "runs" / study.name / f"{a.name}-{tag}"),
-                                "depends_on": deps, "study": study.name, "adaptation": a.name})
+                                "depends_on": deps, "study": study.name, "adaptation": a.name,
+                                "cost": run_cost(spec, base_cfg)})
             ids.update({sd: job_id for sd in group})
         return ids
 
@@ -227,7 +244,8 @@ def usable_cores() -> int:
 
 
 def study_order(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Dependencies first, otherwise study by study: a run cut short still leaves whole studies behind."""
+    """Dependencies first, otherwise study by study: the order among jobs whose chains of work cost the same
+    (the scheduler starts the costliest chain first, `executors.chain_costs`)."""
     by_id = {j["id"]: j for j in jobs}
     placed: dict[str, dict[str, Any]] = {}
 
