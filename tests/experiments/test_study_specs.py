@@ -295,6 +295,26 @@ def test_a_rerun_that_finds_everything_stored_keeps_the_folders_wall_time(tmp_pa
     assert again["doc"]["wall_seconds"] == recorded
 
 
+def test_an_interrupted_run_still_records_its_wall_time(tmp_path: Path) -> None:
+    """Ctrl-C during a reproduce: plan.json keeps the seconds spent, so the resumed folder's wall time counts them."""
+    from ctxtune.experiments.executors import LocalExecutor
+    from ctxtune.experiments.pipeline import run_plan
+
+    class Interrupted(LocalExecutor):
+        def run(self, *args: object, **kwargs: object) -> dict:
+            import time
+
+            time.sleep(0.3)
+            raise KeyboardInterrupt
+
+    jobs = expand([get_study("cannot_learn_new_attention")], "quick", 1, tmp_path, train_override={"steps": 2},
+                  eval_examples=8)
+    plan = {"kind": "reproduce", "scale": "quick", "seeds": [0], "studies": {}, "jobs": jobs}
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(tmp_path, dict(plan), Interrupted(), quiet=True)
+    assert json.loads((tmp_path / "plan.json").read_text())["wall_seconds"] >= 0.3
+
+
 @pytest.mark.parametrize(("key", "value", "needle"), [
     ("examples", -3, "options.examples must be an integer from 1 to 100,000"),
     ("examples", 10**9, "options.examples must be an integer from 1 to 100,000"),

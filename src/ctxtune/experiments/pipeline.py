@@ -55,12 +55,22 @@ def run_plan(
             if on_event is not None:
                 on_event(event)
 
-        executor.run(todo, worker=worker, on_event=handle, finished=finished)
-    wall = round(time.perf_counter() - start, 1)
-    plan["wall_seconds"] = round(earlier + wall, 1)  # every invocation that worked on this folder
-    atomic_write_json(out / "plan.json", plan)
+        try:
+            executor.run(todo, worker=worker, on_event=handle, finished=finished)
+        except BaseException:  # Ctrl-C or a crash: the time spent still counts when the folder is resumed
+            record_wall(out, plan, earlier, start)
+            raise
+    wall = record_wall(out, plan, earlier, start)
     report = build_report(out, wall_seconds=plan["wall_seconds"])
     return {**report, "wall_seconds": wall, "stored": len(finished)}
+
+
+def record_wall(out: Path, plan: dict[str, Any], earlier: float, start: float) -> float:
+    """Write plan.json with the wall seconds of every invocation that worked on this folder; returns this one's."""
+    wall = round(time.perf_counter() - start, 1)
+    plan["wall_seconds"] = round(earlier + wall, 1)
+    atomic_write_json(out / "plan.json", plan)
+    return wall
 
 
 def earlier_wall(path: Path) -> float:
