@@ -516,8 +516,11 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
     """SIGINT to a real `python -m ctxtune.cli pretrain` while it trains."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     argv = [*PRETRAIN, "--steps", "100000", "--checkpoint-every", "1", "--out", "run"]
+    # As from a terminal: SIGINT at its default even when this test runs in a background job (where a
+    # non-interactive shell leaves SIGINT ignored, and the child would inherit that and never see Ctrl-C).
     proc = subprocess.Popen([sys.executable, "-m", "ctxtune.cli", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not (tmp_path / "run" / "checkpoint.safetensors").exists() and time.time() < deadline:
         time.sleep(0.05)
