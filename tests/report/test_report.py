@@ -136,7 +136,8 @@ def test_a_claim_that_does_not_hold_shows_its_failing_seeds_curves_and_other_sca
         {"step": 300, "eval_accuracy": [0.81, 0.79]}, {"step": 400, "eval_accuracy": [0.81, 0.79]})))
     build_report(tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "evidence, `lora.double_hist/double_hist` seed 1 during training: 20, 70, 79, 79% at steps 100..400" in md
+    assert ("evidence, `lora.double_hist/double_hist` seed 1 during training (the trainer's check): "
+            "20, 70, 79, 79% at steps 100..400") in md
     assert "+0.0 points over steps 300-400: flat or moving away" in md
     assert "seed 0 during training" not in md  # seed 0 met the threshold
     assert "at standard scale: LoRA 85% on every seed" in md and "not shown" not in md

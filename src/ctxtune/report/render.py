@@ -81,8 +81,8 @@ def evidence_lines(claim: dict[str, Any], scale: str | None) -> list[str]:
                 continue
             acc = ", ".join(f"{100 * a:.0f}" for a in cv["accuracy"])
             trend = curve_trend(ch["op"], cv["steps"], cv["accuracy"])
-            out.append(f"evidence, `{ch['cell']}` seed {cv['seed']} during training: {acc}% at steps "
-                       f"{cv['steps'][0]:,}..{cv['steps'][-1]:,} ({trend})")
+            out.append(f"evidence, `{ch['cell']}` seed {cv['seed']} during training (the trainer's check): {acc}% "
+                       f"at steps {cv['steps'][0]:,}..{cv['steps'][-1]:,} ({trend})")
     for other, text in (claim.get("evidence") or {}).items():
         if other != scale:
             out.append(f"at {other} scale: {text}")
