@@ -48,12 +48,17 @@ def threads_for(model_cfg: Any, batch: int, positions: int, n_adapters: int, cor
     return 1 if flops < SMALL_STEP_FLOPS else max(1, min(4, cores))
 
 
-def run_cost(spec: Any, model_cfg: Any) -> float:
-    """A run's estimated cost (training FLOPs), per thread: the scheduler starts the longest chains first."""
+def positions(streams: Any, placeholders: int) -> int:
+    """Sequence length a run trains on: its longest task plus the leading placeholder tokens."""
     from ctxtune.tasks import get_task
 
-    longest = max(get_task(s.task).n_input + get_task(s.task).n_output for s in spec.streams)
-    flops = step_flops(model_cfg, spec.train.batch_size, spec.train.placeholders + longest, len(spec.streams))
+    return placeholders + max(get_task(s.task).n_input + get_task(s.task).n_output for s in streams)
+
+
+def run_cost(spec: Any, model_cfg: Any) -> float:
+    """A run's estimated cost (training FLOPs), per thread: the scheduler starts the longest chains first."""
+    flops = step_flops(model_cfg, spec.train.batch_size, positions(spec.streams, spec.train.placeholders),
+                       len(spec.streams))
     return flops * spec.train.steps / max(1, spec.threads or 1)
 
 
@@ -104,16 +109,14 @@ class Expansion:
 
     def spec(self, model_cfg: Any, **fields: Any) -> Any:
         """A RunSpec on this expansion's device, with the threads the run's size calls for (or --threads)."""
-        from ctxtune.tasks import get_task
         from ctxtune.train.config import TrainConfig
         from ctxtune.train.spec import EvalSpec, RunSpec
 
         train = TrainConfig.from_dict(fields.pop("train"))
         threads = self.common["threads"]
         if not threads:
-            longest = max(get_task(s.task).n_input + get_task(s.task).n_output for s in fields["streams"])
-            threads = threads_for(model_cfg, train.batch_size, train.placeholders + longest, len(fields["streams"]),
-                                  self.common["cores"])
+            threads = threads_for(model_cfg, train.batch_size, positions(fields["streams"], train.placeholders),
+                                  len(fields["streams"]), self.common["cores"])
         return RunSpec(train=train, eval=EvalSpec(fields.pop("n_eval")), device=self.common["device"],
                        threads=threads, **fields)
 
