@@ -48,3 +48,18 @@ def test_report_command(cli, tmp_path: Path) -> None:
 def test_help_has_an_example(cli) -> None:
     res = cli(["reproduce", "--help"])
     assert res.code == 0 and "ctxtune reproduce --scale quick" in res.stdout
+
+
+def _summary(claims: dict) -> dict:
+    return {"paths": {"html": "r/report.html"}, "jobs": {"ok": 1, "failed": 0, "skipped": 0}, "wall_seconds": 1.0,
+            "failed": {}, "claims": claims}
+
+
+def test_summary_points_to_the_evidence_only_when_a_claim_fails(capsys) -> None:
+    from ctxtune.commands.reproduce import print_summary
+
+    print_summary(_summary({"s/a": True, "s/b": None}))
+    assert "why a claim does not hold" not in capsys.readouterr().out
+    print_summary(_summary({"s/a": True, "s/b": False}))
+    out = capsys.readouterr().out
+    assert "s/b: does NOT hold" in out and "why a claim does not hold" in out

@@ -86,6 +86,9 @@ def print_summary(summary: dict) -> None:
         typer.echo(f"  failed {job_id}: {error}")
     for claim, holds in summary["claims"].items():
         typer.echo(f"  {claim}: {'holds' if holds else 'not measured' if holds is None else 'does NOT hold'}")
+    if any(holds is False for holds in summary["claims"].values()):
+        typer.echo("  why a claim does not hold: its section in the report shows each failing seed's learning curve "
+                   "and what the other scales measured")
 
 
 @cli_errors
