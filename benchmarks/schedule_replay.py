@@ -32,9 +32,13 @@ def load(folder: Path) -> tuple[dict[str, dict], dict[str, float]]:
     for name in ("plan.json", "results.json"):
         if not (folder / name).is_file():
             fail(f"{folder / name} not found (a folder written by `ctxtune reproduce`)")
-    jobs = {job["id"]: job for job in json.loads((folder / "plan.json").read_text())["jobs"]}
-    seconds = {run["id"]: float(run["seconds"]) for run in json.loads((folder / "results.json").read_text())["runs"]
-               if run.get("seconds") is not None}
+    try:
+        jobs = {job["id"]: job for job in json.loads((folder / "plan.json").read_text())["jobs"]}
+        seconds = {run["id"]: float(run["seconds"])
+                   for run in json.loads((folder / "results.json").read_text())["runs"]
+                   if run.get("seconds") is not None}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        fail(f"{folder} does not hold a readable plan.json and results.json ({type(err).__name__}: {err})")
     missing = sorted(set(jobs) - set(seconds))
     if missing:
         fail(f"no measured time for {len(missing)} job(s), first {missing[0]!r}: replay a finished folder")

@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("task", choices=SKILLS)
     parser.add_argument("--examples", type=int, default=1000)
     args = parser.parse_args()
+    if args.examples < 1:
+        print(f"error: --examples must be at least 1, got {args.examples}", file=sys.stderr)
+        sys.exit(2)
     try:
         method = load_run_method(args.run_dir, adapter=args.adapter)
     except CtxtuneError as err:

@@ -47,3 +47,10 @@ def test_cli_prints_both_policies_and_refuses_a_bad_folder(tmp_path: Path) -> No
     assert "plan order:             25 s" in ok.stdout and "costliest chain first:  20 s" in ok.stdout
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "absent")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "plan.json not found" in bad.stderr
+
+
+def test_cli_refuses_an_unreadable_plan(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    (folder / "plan.json").write_text("{not json")
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(folder)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "readable plan.json" in bad.stderr
